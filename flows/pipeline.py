@@ -1,0 +1,60 @@
+"""The transfer pipeline: composition only, every step lives in ``tasks/``.
+
+    data version (DVC) -> validate (GX) -> pretrain source (cached) -> fine-tune + scratch
+      -> evaluate -> promote (MLflow alias)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from tasks.data import version_data_task
+from tasks.evaluate import evaluate_task
+from tasks.pipeline_run import (
+    fail_pipeline_run, finish_pipeline_run, log_data_version, log_source_model, start_pipeline_run,
+)
+from tasks.promote import promote_task
+from tasks.train import finetune_task, pretrain_task, scratch_task
+from tasks.validate_gate import validate_gate_task
+from transfer.config import Params, load_params
+
+
+@flow(name="transfer-pipeline", log_prints=True)
+def transfer_pipeline(
+    params_file: str = "params.yaml", overrides: list[str] | None = None, params: Params | None = None
+) -> dict[str, Any]:
+    """Run every stage; the champion alias moves only if all promotion gates pass."""
+    params = params or load_params(params_file, overrides or [])
+    run_id = start_pipeline_run(params)
+    report_dir = str(Path(params.runtime.artifacts_dir) / "validation" / run_id)
+    try:
+        data = version_data_task(params)
+        log_data_version(params, run_id, data)
+        validation = validate_gate_task(params, data, report_dir, run_id)
+        source = pretrain_task(params, data, run_id)
+        log_source_model(params, run_id, source)
+        tuned = finetune_task(params, data, source, run_id)
+        scratch = scratch_task(params, data, run_id) if params.finetune.scratch_baseline else None
+        evaluation = evaluate_task(params, tuned, scratch, run_id)
+        decision = promote_task(params, data, source, tuned, evaluation, validation["passed"], run_id)
+    except BaseException as error:
+        fail_pipeline_run(params, run_id, f"{type(error).__name__}: {error}", report_dir)
+        raise
+    summary = {
+        "mlflow_run_id": run_id,
+        "data_version": {k: data[k]["dvc_md5"] or data[k]["version"] for k in ("source", "target")},
+        "dvc_tracked": data["dvc"],
+        "strategy": tuned["strategy"], "strategy_reason": tuned["reason"],
+        "labels_per_class": params.finetune.labels_per_class,
+        "source_reused": source["reused"], "source_weights_sha256": source["weights_sha256"],
+        "transfer_accuracy": evaluation["transfer"]["accuracy"],
+        "scratch_accuracy": evaluation.get("scratch", {}).get("accuracy"),
+        "gain": evaluation.get("gain", {}).get("gain"),
+        "negative_transfer": evaluation.get("gain", {}).get("negative_transfer"),
+        "model_name": decision["model_name"], "model_version": decision["version"],
+        "promoted": decision["promoted"], "promotion_reason": decision["reason"],
+    }
+    return finish_pipeline_run(params, run_id, summary)

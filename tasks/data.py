@@ -1,0 +1,116 @@
+"""Stage 1: materialise the datasets and pin their version.
+
+In a DVC repo (``.dvc/`` + ``dvc.yaml``) the data comes from ``dvc repro prepare``, so DVC
+decides whether anything changed and ``dvc.lock`` holds the md5 of each dataset: that md5
+is the data version every MLflow run is tagged with. Outside a DVC repo (or when
+``--set data.*`` overrides differ from params.yaml) the core prepares in-process and the
+version is the manifest's content hash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.common import stage_task
+from transfer import stages
+from transfer.config import Params, load_params
+from transfer.data import dataset_version
+from transfer.errors import TransferError
+
+log = logging.getLogger(__name__)
+DATASETS = ("source", "target")
+
+
+def is_dvc_repo(root: str | Path = ".") -> bool:
+    return (Path(root) / ".dvc").is_dir() and (Path(root) / "dvc.yaml").exists()
+
+
+def dvc_executable() -> str:
+    """The ``dvc`` beside the running interpreter (venv), else the one on PATH."""
+    local = Path(sys.executable).parent / "dvc"
+    return str(local) if local.exists() else (shutil.which("dvc") or "dvc")
+
+
+def _env_with_venv() -> dict[str, str]:
+    # dvc runs stage commands through the shell: put this venv's `transfer` on its PATH.
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run_dvc(*args: str, root: str | Path = ".") -> str:
+    cmd = [dvc_executable(), *args]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=_env_with_venv())
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise TransferError(f"`dvc {' '.join(args)}` failed: " + " | ".join(detail))
+    return proc.stdout
+
+
+def dvc_lock_versions(root: str | Path = ".") -> dict[str, str]:
+    """md5 of each dataset output of the ``prepare`` stage, from ``dvc.lock``."""
+    lock = Path(root) / "dvc.lock"
+    if not lock.exists():
+        return {}
+    outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("prepare", {}).get("outs", [])
+    return {Path(o["path"]).name: o.get("md5", "") for o in outs if Path(o["path"]).name in DATASETS}
+
+
+def _data_matches_params_file(params: Params, root: Path) -> bool:
+    on_disk = load_params(root / "params.yaml")
+    return on_disk.data == params.data
+
+
+def _prepared_marker(params: Params) -> Path:
+    return Path(params.data.root) / ".prepared.json"
+
+
+def _prepare_in_process(params: Params, progress: bool) -> None:
+    """Skip when the same synthetic data params were already materialised."""
+    marker = _prepared_marker(params)
+    fingerprint = params.data.model_dump(mode="json")
+    user_data = "imagefolder" in (params.data.source.kind, params.data.target.kind)
+    manifests = [Path(d) / "manifest.csv" for d in stages.dataset_dirs(params).values()]
+    if (
+        not user_data and marker.exists() and all(m.exists() for m in manifests)
+        and json.loads(marker.read_text()) == fingerprint
+    ):
+        log.info("datasets already prepared with these params; skipping")
+        return
+    stages.prepare(params, strict=False, progress=progress)
+    marker.write_text(json.dumps(fingerprint))
+
+
+def version_data(params: Params, *, root: str | Path = ".", progress: bool = False) -> dict[str, Any]:
+    """Prepare both datasets and return ``{dataset: {dir, version, dvc_md5}, 'dvc': bool}``."""
+    root = Path(root)
+    use_dvc = is_dvc_repo(root) and _data_matches_params_file(params, root)
+    if is_dvc_repo(root) and not use_dvc:
+        log.warning("data.* overrides differ from params.yaml: preparing outside DVC (untracked data)")
+    if use_dvc:
+        run_dvc("repro", "prepare", root=root)
+    else:
+        _prepare_in_process(params, progress)
+    md5 = dvc_lock_versions(root) if use_dvc else {}
+    result: dict[str, Any] = {"dvc": use_dvc}
+    for name, directory in stages.dataset_dirs(params).items():
+        result[name] = {
+            "dir": str(directory),
+            "version": dataset_version(directory),
+            "dvc_md5": md5.get(name),
+        }
+    return result
+
+
+@stage_task("version-data")
+def version_data_task(params: Params) -> dict[str, Any]:
+    return version_data(params)

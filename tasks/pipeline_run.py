@@ -1,0 +1,67 @@
+"""The parent MLflow run of one pipeline run: opened first, closed last (FAILED on error)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from tasks import tracking
+from transfer.config import Params
+
+
+@task(name="start-pipeline-run")
+def start_pipeline_run(params: Params, run_name: str | None = None) -> str:
+    client = tracking.configure(params)
+    run_id = tracking.start_run(client, params, run_name or "transfer-pipeline", tags={"stage": "pipeline"})
+    tracking.log_params(client, run_id, params.dump())
+    tracking.set_tags(client, run_id, {"git_commit": tracking.git_commit(), "finetune.strategy": params.finetune.strategy})
+    return run_id
+
+
+@task(name="log-data-version")
+def log_data_version(params: Params, run_id: str, data: dict[str, Any]) -> None:
+    """Tag the run with the data it saw, so every model traces back to its data."""
+    client = tracking.configure(params)
+    tags = {"data.dvc_tracked": data["dvc"]}
+    for name in ("source", "target"):
+        tags[f"data.{name}.version"] = data[name]["version"]
+        tags[f"data.{name}.dvc_md5"] = data[name].get("dvc_md5")
+    tracking.set_tags(client, run_id, tags)
+
+
+@task(name="log-source-model")
+def log_source_model(params: Params, run_id: str, source: dict[str, Any]) -> None:
+    client = tracking.configure(params)
+    tracking.set_tags(client, run_id, {
+        "source_weights_sha256": source.get("weights_sha256"), "source_origin": source.get("origin"),
+        "source_reused": source.get("reused"), "source_run_id": source.get("run_id"),
+    })
+
+
+@task(name="finish-pipeline-run")
+def finish_pipeline_run(params: Params, run_id: str, summary: dict[str, Any], ok: bool = True) -> dict[str, Any]:
+    client = tracking.configure(params)
+    tracking.log_json(client, run_id, summary, "summary.json")
+    tracking.end_run(client, run_id, ok=ok)
+    if ok:
+        create_markdown_artifact(markdown=summary_markdown(summary), key="transfer-summary",
+                                 description="transfer pipeline summary")
+    return summary
+
+
+@task(name="fail-pipeline-run")
+def fail_pipeline_run(params: Params, run_id: str, error: str, report_dir: str | None = None) -> None:
+    client = tracking.configure(params)
+    if report_dir and Path(report_dir).exists():
+        tracking.log_files(client, run_id, sorted(Path(report_dir).glob("validation_report.*")), "validation")
+    tracking.set_tags(client, run_id, {"error": error[:4000]})
+    tracking.end_run(client, run_id, ok=False)
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items() if not isinstance(v, (dict, list)))
+    return f"# Transfer pipeline run\n\n| field | value |\n|---|---|\n{rows}\n\n```json\n{json.dumps(summary, indent=2, default=str)}\n```\n"

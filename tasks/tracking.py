@@ -1,0 +1,144 @@
+"""MLflow plumbing: where the tracking store is, and run/metric/artifact helpers.
+
+Runs are addressed by id through ``MlflowClient`` rather than MLflow's fluent
+"active run" stack, so Prefect tasks on any thread log to the right (nested) run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from transfer.config import Params
+
+MLRUNS = "mlruns"
+
+
+def tracking_uri(params: Params) -> str:
+    """``MLFLOW_TRACKING_URI`` > ``runtime.tracking_uri`` > sqlite under ``mlruns/``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.runtime.tracking_uri
+    if uri:
+        return uri
+    Path(MLRUNS).mkdir(exist_ok=True)
+    return f"sqlite:///{Path(MLRUNS).resolve() / 'mlflow.db'}"
+
+
+def artifact_root() -> str:
+    return (Path(MLRUNS).resolve() / "artifacts").as_uri()
+
+
+def configure(params: Params) -> MlflowClient:
+    """Point MLflow at the store (explicit, never at import time) and ensure the experiment."""
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
+    if client.get_experiment_by_name(params.runtime.experiment) is None:
+        location = artifact_root() if uri.startswith("sqlite:") else None
+        try:
+            client.create_experiment(params.runtime.experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            pass  # another run created it concurrently
+    return client
+
+
+def experiment_id(client: MlflowClient, params: Params) -> str:
+    return client.get_experiment_by_name(params.runtime.experiment).experiment_id
+
+
+def start_run(
+    client: MlflowClient, params: Params, name: str, parent_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    all_tags = dict(tags or {})
+    if parent_id:
+        all_tags["mlflow.parentRunId"] = parent_id
+    run = client.create_run(experiment_id(client, params), run_name=name, tags=all_tags)
+    return run.info.run_id
+
+
+def end_run(client: MlflowClient, run_id: str, ok: bool = True) -> None:
+    status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+    client.set_terminated(run_id, status=status)
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}`` for MLflow params/tags."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, child in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), child))
+        return out
+    return {prefix: value}
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in flatten("", params).items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = mlflow.utils.time.get_current_time_millis()
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+    if items:
+        client.log_batch(run_id, metrics=items)
+
+
+def log_history(client: MlflowClient, run_id: str, history: Iterable[Mapping[str, Any]]) -> None:
+    """Per-epoch curves: train_loss, train_acc, val_loss, val_acc, lr with step = epoch."""
+    from mlflow.entities import Metric
+
+    now = mlflow.utils.time.get_current_time_millis()
+    items = [
+        Metric(key, float(row[key]), now, int(row["epoch"]))
+        for row in history
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+        if row.get(key) is not None
+    ]
+    for start in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[start : start + 500])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)) for k, v in flatten("", tags).items() if v is not None]
+    if items:
+        client.log_batch(run_id, tags=items)
+
+
+def log_json(client: MlflowClient, run_id: str, data: Any, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_text(json.dumps(data, indent=2, default=str))
+        client.log_artifact(run_id, str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+
+def log_files(client: MlflowClient, run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
+    for path in paths:
+        if Path(path).exists():
+            client.log_artifact(run_id, str(path), artifact_path)
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

@@ -1,0 +1,195 @@
+"""The ``transfer`` command.
+
+Stage commands (``data prepare``, ``pretrain``, ``finetune``, ``baseline``, ``evaluate``)
+work standalone on files and are what ``dvc.yaml`` calls; ``run`` starts the Prefect flow.
+Orchestration/tracking modules are imported inside the commands that need them, so the
+core stays importable without Prefect or MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from transfer.config import Params, load_params
+from transfer.errors import TransferError
+
+app = typer.Typer(help="Transfer-learning pipeline: pretrain on a big source task, fine-tune on a small target.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Datasets: materialise and inspect.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (YAML, one section per stage)")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a param: section.key=value (repeatable)"),
+]
+
+
+def _params(path: Path, overrides: list[str] | None) -> Params:
+    return load_params(path, overrides or [])
+
+
+def _write_json(path: str | Path, data: Any) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2, default=str))
+
+
+@data_app.command("prepare")
+def data_prepare(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Materialise the source and target datasets as ImageFolder trees + manifests under data/."""
+    from transfer import stages
+
+    params = _params(params_file, overrides)
+    result = stages.prepare(params, strict=not params.data.skip_bad_images, progress=True)
+    for name, info in result.items():
+        console.print(f"[green]{name}[/green]: {info['dir']} (version {info['version'][:12]})")
+
+
+@app.command()
+def validate(
+    params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+    report_dir: Annotated[Path, typer.Option(help="where the report is written")] = Path("artifacts/validation/latest"),
+) -> None:
+    """Run the great-expectations suites on the prepared datasets (no training)."""
+    from tasks.validate_gate import validate_datasets
+
+    params = _params(params_file, overrides)
+    report = validate_datasets(params, str(report_dir))
+    console.print(report.to_markdown())
+    if not report.passed:
+        raise TransferError(f"data validation failed: see {report_dir}/validation_report.md")
+    console.print(f"[green]validation passed[/green] (report in {report_dir})")
+
+
+@app.command()
+def pretrain(
+    params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+    out: Annotated[Path, typer.Option(help="output dir (source_model/ + checkpoints/)")] = Path("models/source"),
+    metrics: Annotated[Path, typer.Option(help="metrics JSON")] = Path("metrics/pretrain.json"),
+) -> None:
+    """Train the backbone on the source dataset (resumes from the last checkpoint)."""
+    from transfer import stages
+
+    trained = stages.pretrain(_params(params_file, overrides), out)
+    _write_json(metrics, {**trained.info, "seconds": trained.seconds})
+    console.print(f"source model: {trained.model_dir} (source test accuracy {trained.info['source_test_accuracy']:.4f})")
+
+
+@app.command()
+def finetune(
+    params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+    source: Annotated[Path, typer.Option(help="source model dir")] = Path("models/source/source_model"),
+    out: Annotated[Path, typer.Option(help="output dir (model/ + checkpoints/)")] = Path("models/finetune"),
+    strategy: Annotated[str | None, typer.Option(help="override finetune.strategy")] = None,
+) -> None:
+    """Fine-tune the source model on the target's k labels per class."""
+    from transfer import stages
+
+    params = _params(params_file, overrides)
+    trained = stages.finetune(params, source, out, strategy=strategy)
+    _write_json(out / "history.json", trained.history)
+    console.print(f"fine-tuned ({trained.strategy}: {trained.info['reason']}) -> {trained.model_dir}")
+
+
+@app.command()
+def baseline(
+    params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+    out: Annotated[Path, typer.Option(help="output dir")] = Path("models/scratch"),
+) -> None:
+    """Train the same architecture from random init on the same target budget."""
+    from transfer import stages
+
+    trained = stages.train_scratch(_params(params_file, overrides), out)
+    _write_json(out / "history.json", trained.history)
+    console.print(f"scratch baseline -> {trained.model_dir}")
+
+
+@app.command()
+def evaluate(
+    params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+    model: Annotated[Path, typer.Option(help="fine-tuned model dir")] = Path("models/finetune/model"),
+    baseline_model: Annotated[Path | None, typer.Option("--baseline", help="scratch model dir")] = Path("models/scratch/model"),
+    out: Annotated[Path, typer.Option(help="metrics/plots dir")] = Path("metrics"),
+) -> None:
+    """Test-set metrics (accuracy, macro-F1, per-class recall, ECE), confusion matrix, transfer gain."""
+    from transfer import stages
+    from transfer.metrics import plot_transfer_gain
+
+    params = _params(params_file, overrides)
+    report = stages.evaluate(params, model, out, name="transfer")
+    summary: dict[str, Any] = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "ece": report["ece"]}
+    if baseline_model is not None and Path(baseline_model).exists():
+        scratch = stages.evaluate(params, baseline_model, out, name="scratch")
+        summary.update(stages.transfer_gain(report["accuracy"], scratch["accuracy"],
+                                            params.evaluate.negative_transfer_margin))
+        plot_transfer_gain({"scratch": scratch["accuracy"], "transfer": report["accuracy"]},
+                           out / "transfer_gain.png", "Test accuracy: scratch vs transfer")
+    _write_json(out / "evaluate.json", summary)
+    _print_mapping("evaluation", summary)
+
+
+@app.command()
+def run(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Run the whole Prefect flow: data -> validate -> pretrain -> fine-tune -> evaluate -> promote."""
+    params = _params(params_file, overrides)  # bad keys fail here, before anything starts
+    from flows.pipeline import transfer_pipeline
+
+    summary = transfer_pipeline(params=params)
+    _print_mapping("transfer run", summary)
+
+
+@app.command()
+def rollback(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Point `champion` back at the `previous` version (and vice versa)."""
+    from tasks.promote import rollback as do_rollback
+
+    result = do_rollback(_params(params_file, overrides))
+    console.print(f"{result['model_name']}: champion -> v{result['champion']}, previous -> v{result['previous']}")
+
+
+@app.command()
+def runs(
+    params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+    limit: Annotated[int, typer.Option(help="how many runs")] = 10,
+) -> None:
+    """Recent pipeline runs from MLflow with their accuracy and promotion outcome."""
+    from tasks.history import recent_runs
+
+    rows = recent_runs(_params(params_file, overrides), limit)
+    table = Table("started", "run id", "status", "strategy", "transfer acc", "scratch acc", "promoted", "version")
+    for row in rows:
+        table.add_row(*[str(row.get(k, "")) for k in
+                        ("start", "run_id", "status", "strategy", "test_accuracy", "scratch_test_accuracy",
+                         "promoted", "model_version")])
+    console.print(table)
+
+
+def _print_mapping(title: str, data: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False)
+    for key, value in data.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: user errors print as one line (exit 2), never a traceback."""
+    try:
+        app()
+    except TransferError as error:
+        err_console.print(f"[bold red]error:[/bold red] {error}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Typed pipeline parameters: one section per stage, loaded from ``params.yaml``.
+
+Unknown keys and wrong types are rejected with a message that names the key, so a
+typo in ``params.yaml`` or ``--set`` fails before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from transfer.errors import TransferError
+
+
+class ConfigError(TransferError, ValueError):
+    """A user error in params: bad key, bad type or bad value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class SourceData(_Section):
+    """The large source task. ``kind=fonts`` renders digits from matplotlib's fonts."""
+
+    kind: Literal["fonts", "imagefolder"] = "fonts"
+    path: str | None = None  # ImageFolder root when kind=imagefolder
+    n: int = Field(10_000, ge=10, description="synthetic images to render (kind=fonts)")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class TargetData(_Section):
+    """The small target task. ``kind=sklearn_digits`` uses scikit-learn's handwritten digits."""
+
+    kind: Literal["sklearn_digits", "imagefolder"] = "sklearn_digits"
+    path: str | None = None  # ImageFolder root when kind=imagefolder
+    test_size: int | float = Field(797, gt=0, description="held-out test images (int) or fraction")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+
+
+class DataParams(_Section):
+    root: str = "data"
+    image_size: int = Field(32, ge=8, le=512)
+    channels: Literal[1, 3] = 1
+    seed: int = 0
+    skip_bad_images: bool = False  # skip corrupt/non-image files with a warning instead of failing
+    source: SourceData = SourceData()
+    target: TargetData = TargetData()
+
+    @model_validator(mode="after")
+    def _imagefolder_needs_path(self) -> DataParams:
+        for name, section in (("source", self.source), ("target", self.target)):
+            if section.kind == "imagefolder" and not section.path:
+                raise ValueError(f"data.{name}.path is required when data.{name}.kind=imagefolder")
+        return self
+
+
+class ValidateParams(_Section):
+    min_per_class: int = Field(5, ge=1, description="minimum images per class in each split")
+    min_image_size: int = Field(8, ge=1)
+    max_image_size: int = Field(4096, ge=1)
+    allow_unlabelled_target: bool = False  # DANN: target labels may be missing
+    fail_on_duplicates: bool = True
+
+
+class OptimParams(_Section):
+    epochs: int = Field(5, ge=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: bool = True  # light random shift augmentation on cached tensors
+
+
+class PretrainParams(OptimParams):
+    arch: str = "small_cnn"
+    weights: str | None = None  # local weights file or "hub" (torch hub cache); never downloaded
+    # Skip pretraining and start from this model dir or MLflow model URI (models:/..., runs:/...)
+    source_model: str | None = None
+    epochs: int = Field(6, ge=0)
+    lr: float = Field(2e-3, gt=0)
+
+
+Strategy = Literal[
+    "head", "last_k", "full", "gradual", "auto", "l2sp", "distill", "progressive", "multitask", "dann"
+]
+
+
+class FinetuneParams(OptimParams):
+    strategy: Strategy = "auto"
+    labels_per_class: int = Field(10, ge=1, description="k labelled target images per class")
+    last_k: int = Field(1, ge=1, description="blocks to unfreeze for strategy=last_k")
+    body_lr_mult: float = Field(0.1, gt=0, le=1, description="body LR = lr * this (full)")
+    layer_decay: float = Field(1.0, gt=0, le=1, description="per-block LR decay, top block = 1")
+    unfreeze_every: int = Field(2, ge=1, description="gradual: unfreeze one block per N epochs")
+    auto_head_max: int = Field(
+        10, ge=1, description="auto: <= this many labels/class -> head... see freezing.choose"
+    )
+    auto_last_k_max: int = Field(50, ge=1, description="auto: <= this -> last_k, above -> full")
+    l2sp_alpha: float = Field(0.01, ge=0)
+    l2sp_beta: float = Field(0.01, ge=0)
+    distill_weight: float = Field(1.0, ge=0)
+    distill_temperature: float = Field(2.0, gt=0)
+    multitask_weights: list[float] = Field(default_factory=lambda: [1.0, 0.5])
+    dann_lambda_max: float = Field(1.0, ge=0)
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    scratch_baseline: bool = True  # also train the same budget from random init
+
+
+class EvaluateParams(_Section):
+    calibration_bins: int = Field(10, ge=2)
+    negative_transfer_margin: float = Field(0.0, ge=0)
+
+
+class PromoteParams(_Section):
+    model_name: str = "digits-transfer"
+    accuracy_floor: float = Field(0.7, ge=0, le=1)
+    min_delta: float = Field(0.0, ge=0, le=1)
+    require_beats_scratch: bool = True
+
+
+class ServeParams(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(5001, ge=1, le=65535)
+    alias: str = "champion"
+    max_batch: int = Field(256, ge=1)
+    max_image_bytes: int = Field(2_000_000, ge=1)
+
+
+class ScheduleParams(_Section):
+    cron: str = "0 3 * * *"
+    force: bool = False
+
+
+class RuntimeParams(_Section):
+    device: Device = "auto"
+    seed: int = 0
+    num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
+    distributed: bool = False  # DDP through torchrun
+    tracking_uri: str | None = None  # MLflow; default sqlite under mlruns/
+    experiment: str = "transfer-pipeline"
+    artifacts_dir: str = "artifacts"
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    pretrain: PretrainParams = PretrainParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    promote: PromoteParams = PromoteParams()
+    serve: ServeParams = ServeParams()
+    schedule: ScheduleParams = ScheduleParams()
+    runtime: RuntimeParams = RuntimeParams()
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    def dump(self) -> dict[str, Any]:
+        """Plain dict with the YAML section names (``validate``, not ``validate_``)."""
+        return self.model_dump(by_alias=True, mode="json")
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]).replace("validate_", "validate")
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"'{key}': {item['msg']} (got {item.get('input')!r})")
+    return "invalid params: " + "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'finetune.lr=0.01'`` -> (['finetune', 'lr'], 0.01); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"bad override {text!r}: expected section.key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"bad override {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error)) from None
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> Params:
+    """Load ``params.yaml`` (missing file = all defaults) and apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None and Path(path).exists():
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return params_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def write_params(params: Params, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(params.dump(), sort_keys=False))

@@ -1,0 +1,75 @@
+"""Generic ImageFolder input: ``root/<class>/<image>`` (class folders may nest sub-folders).
+
+Class names are the sorted folder names. A top-level ``_unlabelled/`` folder holds
+unlabelled images (label "", split "unlabelled") for domain-adversarial training.
+Hidden files and folders (``.DS_Store``, ``.cache``) and loose files at the top level
+(a README, a manifest) are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transfer.data.manifest import ManifestRow, inspect_image
+from transfer.data.progress import progress_bar
+from transfer.errors import DataError
+
+UNLABELLED_DIR = "_unlabelled"
+
+
+@dataclass(frozen=True)
+class FolderFile:
+    rel: str  # posix path relative to the root, e.g. "cat/001.jpg"
+    label: str  # "" for files under _unlabelled/
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def list_imagefolder(root: str | Path) -> list[FolderFile]:
+    """All files of an ImageFolder tree, sorted; DataError for a tree that cannot work."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"ImageFolder root {root} does not exist: check data.*.path")
+    if not root.is_dir():
+        raise DataError(f"ImageFolder root {root} is not a directory: check data.*.path")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = [p for p in folders if p.name != UNLABELLED_DIR]
+    if not classes:
+        raise DataError(
+            f"{root} has no class folders: expected the ImageFolder layout root/<class>/<image>"
+        )
+    if len(classes) == 1:
+        raise DataError(
+            f"{root} holds a single class ('{classes[0].name}'): classification needs at least "
+            "two class folders"
+        )
+    files: list[FolderFile] = []
+    for folder in folders:
+        found = _visible_files(folder)
+        if not found and folder.name != UNLABELLED_DIR:
+            raise DataError(f"class folder {folder} is empty: add images or remove the folder")
+        label = "" if folder.name == UNLABELLED_DIR else folder.name
+        files += [FolderFile(p.relative_to(root).as_posix(), label) for p in found]
+    return files
+
+
+def copy_imagefolder(
+    root: str | Path, dest: Path, files: list[FolderFile], progress: bool = True
+) -> list[ManifestRow]:
+    """Copy the files byte-for-byte into ``dest`` and describe each (readable or not)."""
+    root = Path(root)
+    rows = []
+    with progress_bar(progress) as track:
+        for item in track(files, description=f"copying {root.name}", total=len(files)):
+            data = (root / item.rel).read_bytes()
+            target = dest / item.rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)  # same bytes we hashed: the manifest matches the copy
+            rows.append(inspect_image(data, item.rel, item.label))
+    return rows

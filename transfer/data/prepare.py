@@ -1,0 +1,230 @@
+"""``prepare_datasets``: materialise the source and target datasets under ``data.root``.
+
+Each dataset is built in a temporary folder beside its destination and renamed into
+place only when complete (files, splits, manifest), so a crash never leaves half a
+dataset. A dataset whose recipe (kind, params, input listing) is unchanged since the
+last build is reused instead of rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from transfer.config import DataParams
+from transfer.data.digits import write_sklearn_digits
+from transfer.data.fonts import RENDER_VERSION, write_font_digits
+from transfer.data.imagefolder import copy_imagefolder, list_imagefolder
+from transfer.data.manifest import (
+    UNLABELLED,
+    ManifestRow,
+    manifest_sha256,
+    read_manifest,
+    write_manifest,
+)
+from transfer.data.splits import assign_splits, check_splits
+from transfer.errors import DataError
+
+log = logging.getLogger(__name__)
+
+STAMP = ".prepared.json"  # hidden: ignored by the ImageFolder reader
+STALE_TMP_SECONDS = 3600
+SKIP_HINT = "remove the file(s) or set data.skip_bad_images=true"
+
+
+# ---------------------------------------------------------------- atomic folders
+def _clean_stale(parent: Path, name: str) -> None:
+    """Remove temp/old folders left by a crashed build (older than an hour)."""
+    for pattern in (f".{name}.tmp-*", f".{name}.old-*"):
+        for path in parent.glob(pattern):
+            if time.time() - path.stat().st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``dest``; on success it replaces ``dest`` by rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(dest.parent, dest.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+    if dest.exists() or dest.is_symlink():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- bad files
+def _describe(bad: list[ManifestRow], origin: Path) -> str:
+    shown = "; ".join(f"{origin / r.path} ({r.error})" for r in bad[:5])
+    more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return f"{len(bad)} unreadable file(s): {shown}{more}"
+
+
+def _check_classes_left(before: list[ManifestRow], after: list[ManifestRow], origin: Path) -> None:
+    left = {r.label for r in after if r.label}
+    for label in sorted({r.label for r in before if r.label} - left):
+        raise DataError(
+            f"class folder {origin / label} has no readable images left after skipping "
+            "unreadable files: add images or remove the folder"
+        )
+    if len(left) < 2:
+        raise DataError(f"{origin}: fewer than two classes have readable images")
+
+
+def handle_bad_files(
+    rows: list[ManifestRow], tmp: Path, origin: Path, *, skip: bool, strict: bool
+) -> list[ManifestRow]:
+    """Unreadable files: drop (skip), raise (strict) or keep as readable=False rows."""
+    bad = [r for r in rows if not r.readable]
+    if not bad:
+        return rows
+    message = _describe(bad, origin)
+    if skip:
+        log.warning("%s: skipping %s", origin, message)
+        for row in bad:
+            (tmp / row.path).unlink(missing_ok=True)
+        kept = [r for r in rows if r.readable]
+        _check_classes_left(rows, kept, origin)
+        return kept
+    if strict:
+        raise DataError(f"{origin}: {message}. Fix: {SKIP_HINT}")
+    log.warning("%s: keeping %s as readable=False in the manifest", origin, message)
+    return rows
+
+
+# ---------------------------------------------------------------- splits
+def split_rows(
+    rows: list[ManifestRow], *, test_size: int | float, val_size: int | float, seed: int,
+    origin: Path,
+) -> list[ManifestRow]:
+    labelled = [r for r in rows if r.label]
+    splits = assign_splits(
+        [r.path for r in labelled], [r.label for r in labelled],
+        test_size=test_size, val_size=val_size, seed=seed, groups=[r.sha256 for r in labelled],
+    )
+    out = [r.with_split(s) for r, s in zip(labelled, splits, strict=True)]
+    readable = [r for r in out if r.readable]
+    check_splits([r.label for r in readable], [r.split for r in readable], str(origin))
+    return out + [r.with_split(UNLABELLED) for r in rows if not r.label]
+
+
+def _target_sizes(test_size: int | float, val_fraction: float, n: int) -> tuple[Any, Any]:
+    """Target: test is a count (or fraction); val is a fraction of what test leaves."""
+    if isinstance(test_size, float) and test_size < 1:
+        return test_size, (1 - test_size) * val_fraction
+    return int(test_size), int(round((n - int(test_size)) * val_fraction))
+
+
+# ---------------------------------------------------------------- reuse
+def _listing_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}\t{stat.st_size}\t"
+                      f"{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _is_current(dest: Path, recipe: dict[str, Any]) -> bool:
+    try:
+        stamp = json.loads((dest / STAMP).read_text())
+        if stamp["recipe"] != recipe or stamp["manifest_sha256"] != manifest_sha256(dest):
+            return False
+        return all((dest / r.path).is_file() for r in read_manifest(dest))
+    except (OSError, ValueError, KeyError, DataError):
+        return False
+
+
+def _write_stamp(tmp: Path, recipe: dict[str, Any]) -> None:
+    stamp = {"recipe": recipe, "manifest_sha256": manifest_sha256(tmp)}
+    (tmp / STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True))
+
+
+# ---------------------------------------------------------------- build
+Producer = Callable[[Path], list[ManifestRow]]
+
+
+def _build(
+    dest: Path, recipe: dict[str, Any], produce: Producer, sizes: Callable[[int], tuple[Any, Any]],
+    *, origin: Path, params: DataParams, strict: bool,
+) -> Path:
+    recipe = {**recipe, "seed": params.seed, "skip_bad_images": params.skip_bad_images,
+              "strict": strict}
+    recipe = json.loads(json.dumps(recipe))  # normalise (tuples -> lists) for comparison
+    if _is_current(dest, recipe):
+        log.info("%s is up to date; reusing it", dest)
+        return dest
+    with atomic_dir(dest) as tmp:
+        rows = produce(tmp)
+        rows = handle_bad_files(rows, tmp, origin, skip=params.skip_bad_images, strict=strict)
+        test_size, val_size = sizes(sum(1 for r in rows if r.label))
+        rows = split_rows(rows, test_size=test_size, val_size=val_size, seed=params.seed,
+                          origin=origin)
+        write_manifest(rows, tmp)
+        _write_stamp(tmp, recipe)
+    return dest
+
+
+def _imagefolder_producer(root: Path, progress: bool) -> Producer:
+    files = list_imagefolder(root)  # validate before any copying
+    return lambda tmp: copy_imagefolder(root, tmp, files, progress)
+
+
+def prepare_source(params: DataParams, *, strict: bool = True, progress: bool = True) -> Path:
+    spec, dest = params.source, Path(params.root) / "source"
+    sizes = lambda n: (spec.test_fraction, spec.val_fraction)  # noqa: E731
+    recipe: dict[str, Any] = {"kind": spec.kind, "val": spec.val_fraction,
+                              "test": spec.test_fraction}
+    if spec.kind == "fonts":
+        recipe |= {"n": spec.n, "image_size": params.image_size, "renderer": RENDER_VERSION}
+        produce: Producer = lambda tmp: write_font_digits(  # noqa: E731
+            tmp, spec.n, params.image_size, params.seed, progress)
+        origin = Path("data.source (fonts)")
+    else:
+        origin = Path(spec.path or "")
+        produce = _imagefolder_producer(origin, progress)
+        recipe |= {"path": str(origin.resolve()), "listing": _listing_digest(origin)}
+    return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict)
+
+
+def prepare_target(params: DataParams, *, strict: bool = True, progress: bool = True) -> Path:
+    spec, dest = params.target, Path(params.root) / "target"
+    sizes = lambda n: _target_sizes(spec.test_size, spec.val_fraction, n)  # noqa: E731
+    recipe: dict[str, Any] = {"kind": spec.kind, "val": spec.val_fraction, "test": spec.test_size}
+    if spec.kind == "sklearn_digits":
+        recipe |= {"image_size": params.image_size, "renderer": RENDER_VERSION}
+        produce: Producer = lambda tmp: write_sklearn_digits(  # noqa: E731
+            tmp, params.image_size, progress)
+        origin = Path("data.target (sklearn_digits)")
+    else:
+        origin = Path(spec.path or "")
+        produce = _imagefolder_producer(origin, progress)
+        recipe |= {"path": str(origin.resolve()), "listing": _listing_digest(origin)}
+    return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict)
+
+
+def prepare_datasets(
+    params: DataParams, *, strict: bool = True, progress: bool = True
+) -> dict[str, Path]:
+    """Materialise both datasets (ImageFolder tree + manifest.csv); return their folders."""
+    return {
+        "source": prepare_source(params, strict=strict, progress=progress),
+        "target": prepare_target(params, strict=strict, progress=progress),
+    }

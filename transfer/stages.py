@@ -1,0 +1,259 @@
+"""The pipeline stages as plain functions: params in, result out.
+
+Prefect tasks (``tasks/``), DVC stages (through the CLI) and benchmarks all call these,
+so every entry point runs the same code. Nothing here knows about MLflow or Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transfer import freezing
+from transfer.config import Params
+from transfer.data import ImageTensors, dataset_version, load_split, prepare_datasets, subsample_per_class
+from transfer.errors import TransferError
+from transfer.metrics import classification_report, plot_confusion_matrix, plot_learning_curves
+from transfer.models import TransferNet, create_model, load_model_dir, save_model_dir, weights_sha256
+from transfer.train import Callback, fit, predict_proba, resolve_device
+
+log = logging.getLogger(__name__)
+
+FREEZE_STRATEGIES = {"head", "last_k", "full", "gradual"}
+
+
+@dataclass
+class TrainedModel:
+    """What a training stage hands on: where the model is and how it got there."""
+
+    model_dir: str
+    stage: str
+    strategy: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dataset_dirs(params: Params) -> dict[str, Path]:
+    root = Path(params.data.root)
+    return {"source": root / "source", "target": root / "target"}
+
+
+def prepare(params: Params, *, strict: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Materialise source and target ImageFolder trees + manifests; return their versions."""
+    dirs = prepare_datasets(params.data, strict=strict, progress=progress)
+    return {name: {"dir": str(path), "version": dataset_version(path)} for name, path in dirs.items()}
+
+
+def _load(params: Params, name: str, split: str) -> ImageTensors:
+    return load_split(dataset_dirs(params)[name], split, params.data.image_size, params.data.channels)
+
+
+def target_splits(params: Params) -> dict[str, ImageTensors]:
+    """Target train (k labels per class), val and test, all from the manifest."""
+    k, seed = params.finetune.labels_per_class, params.runtime.seed
+    return {
+        "train": subsample_per_class(_load(params, "target", "train"), k, seed),
+        "val": _load(params, "target", "val"),
+        "test": _load(params, "target", "test"),
+    }
+
+
+def _model_meta(params: Params, model: TransferNet, classes: list[str], **extra: Any) -> dict[str, Any]:
+    return {
+        "arch": params.pretrain.arch,
+        "image_size": params.data.image_size,
+        "channels": params.data.channels,
+        "classes": classes,
+        "normalisation": "(x/255 - 0.5) / 0.5",
+        **extra,
+    }
+
+
+def _history(result: Any) -> list[dict[str, Any]]:
+    return [stats.as_dict() for stats in result.history]
+
+
+def pretrain(params: Params, out_dir: str | Path, *, progress: bool = True) -> TrainedModel:
+    """Train the backbone on the source task; checkpoints let a crashed run resume."""
+    out = Path(out_dir)
+    device = resolve_device(params.runtime.device)
+    train, val = _load(params, "source", "train"), _load(params, "source", "val")
+    model = create_model(
+        params.pretrain.arch, len(train.classes), params.data.channels, weights=params.pretrain.weights
+    )
+    init = {"weights": params.pretrain.weights or "random", "sha256": weights_sha256(model.state_dict())}
+    result = fit(
+        model, train, val, params.pretrain, device=device, seed=params.runtime.seed,
+        checkpoint_dir=out / "checkpoints", progress=progress, desc="pretrain (source)",
+    )
+    test = _load(params, "source", "test")
+    report = classification_report(predict_proba(model, test, device), test.labels, test.classes)
+    meta = _model_meta(
+        params, model, train.classes, stage="pretrain", initial_weights=init,
+        source_data_version=dataset_version(dataset_dirs(params)["source"]),
+        source_test_accuracy=report["accuracy"],
+    )
+    model_dir = out / "source_model"
+    save_model_dir(model.cpu(), model_dir, meta)
+    saved = json.loads((model_dir / "model.json").read_text())
+    return TrainedModel(
+        str(model_dir), "pretrain", "source", _history(result), result.seconds,
+        {"source_test_accuracy": report["accuracy"], "weights_sha256": saved["weights_sha256"],
+         "resumed_from_epoch": result.resumed_from_epoch},
+    )
+
+
+def resolve_strategy(params: Params) -> tuple[str, str]:
+    """The strategy to run and why (``auto`` decides from labels per class)."""
+    ft = params.finetune
+    if ft.strategy != "auto":
+        return ft.strategy, f"strategy={ft.strategy} set in params"
+    return freezing.choose_strategy(ft.labels_per_class, ft.auto_head_max, ft.auto_last_k_max)
+
+
+def _freeze_and_groups(model: TransferNet, strategy: str, params: Params) -> list[dict]:
+    ft = params.finetune
+    freezing.apply_freeze(model, "head" if strategy == "gradual" else strategy, last_k=ft.last_k)
+    body_mult = ft.body_lr_mult if strategy == "full" else 1.0
+    return freezing.param_groups(model, ft.lr, body_lr_mult=body_mult, layer_decay=ft.layer_decay)
+
+
+class _GradualUnfreeze(Callback):
+    """Unfreeze one more top block every ``every`` epochs, adding it to the optimizer."""
+
+    def __init__(self, every: int, lr: float, layer_decay: float) -> None:
+        self.every, self.lr, self.layer_decay = every, lr, layer_decay
+
+    def on_epoch_start(self, epoch: int, model: TransferNet, optimizer: torch.optim.Optimizer) -> None:
+        n = (epoch - 1) // self.every
+        if n == 0 or n > len(model.blocks):
+            return
+        before = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        freezing.unfreeze_top(model, n)
+        new = [p for p in model.blocks[-n].parameters() if p.requires_grad and id(p) not in before]
+        if new:
+            optimizer.add_param_group({"params": new, "lr": self.lr * self.layer_decay ** n, "name": f"block-{n}"})
+
+
+def finetune(
+    params: Params,
+    source_model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    strategy: str | None = None,
+    progress: bool = True,
+) -> TrainedModel:
+    """Re-use the source body, re-initialise the head, train with the chosen freeze strategy."""
+    chosen, reason = (strategy, "requested") if strategy else resolve_strategy(params)
+    out = Path(out_dir)
+    splits = target_splits(params)
+    source, source_meta = load_model_dir(source_model_dir)
+    model = source
+    model.reset_classifier(len(splits["train"].classes))
+    device = resolve_device(params.runtime.device)
+    ft = params.finetune
+    if chosen in FREEZE_STRATEGIES:
+        groups = _freeze_and_groups(model, chosen, params)
+        callbacks = [_GradualUnfreeze(ft.unfreeze_every, ft.lr, ft.layer_decay)] if chosen == "gradual" else []
+        result = fit(
+            model, splits["train"], splits["val"], ft, device=device, seed=params.runtime.seed,
+            param_groups=groups, callbacks=callbacks, checkpoint_dir=out / "checkpoints",
+            progress=progress, desc=f"finetune ({chosen})",
+        )
+        history, seconds = _history(result), result.seconds
+    else:
+        model, history, seconds = _run_technique(chosen, source_model_dir, splits, params, device, progress)
+    log.info("fine-tuned with strategy=%s (%s)", chosen, reason)
+    meta = _model_meta(
+        params, model, splits["train"].classes, stage="finetune", strategy=chosen, strategy_reason=reason,
+        labels_per_class=ft.labels_per_class, source_model=source_meta,
+        source_weights_sha256=source_meta.get("weights_sha256"),
+        target_data_version=dataset_version(dataset_dirs(params)["target"]),
+        trainable=freezing.trainable_summary(model) if isinstance(model, TransferNet) else {},
+    )
+    model_dir = out / "model"
+    _save_any(model, model_dir, meta)
+    return TrainedModel(str(model_dir), "finetune", chosen, history, seconds, {"reason": reason})
+
+
+def _run_technique(
+    name: str, source_model_dir: str | Path, splits: dict[str, ImageTensors], params: Params,
+    device: torch.device, progress: bool,
+) -> tuple[TransferNet, list[dict[str, Any]], float]:
+    """Strategies beyond freezing (L2-SP, distillation, progressive nets, multitask)."""
+    from transfer.techniques import run_technique
+
+    source, _ = load_model_dir(source_model_dir)
+    started = time.perf_counter()
+    model, history = run_technique(
+        name, source, splits["train"], splits["val"], params.finetune, device, params.runtime.seed, progress
+    )
+    return model, history, time.perf_counter() - started
+
+
+def _save_any(model: torch.nn.Module, model_dir: Path, meta: dict[str, Any]) -> None:
+    if not isinstance(model, TransferNet):
+        raise TransferError(
+            f"strategy {meta.get('strategy')} produced a {type(model).__name__}, which cannot be "
+            "exported as a single-column model yet"
+        )
+    save_model_dir(model.cpu(), model_dir, meta)
+
+
+def train_scratch(params: Params, out_dir: str | Path, *, progress: bool = True) -> TrainedModel:
+    """Baseline: the same architecture and target budget from random init."""
+    out = Path(out_dir)
+    splits = target_splits(params)
+    model = create_model(params.pretrain.arch, len(splits["train"].classes), params.data.channels)
+    device = resolve_device(params.runtime.device)
+    result = fit(
+        model, splits["train"], splits["val"], params.finetune, device=device, seed=params.runtime.seed,
+        checkpoint_dir=out / "checkpoints", progress=progress, desc="scratch baseline",
+    )
+    meta = _model_meta(params, model, splits["train"].classes, stage="scratch", strategy="scratch")
+    model_dir = out / "model"
+    save_model_dir(model.cpu(), model_dir, meta)
+    return TrainedModel(str(model_dir), "scratch", "scratch", _history(result), result.seconds)
+
+
+def evaluate(params: Params, model_dir: str | Path, out_dir: str | Path, *, name: str = "model") -> dict[str, Any]:
+    """Test-set report (accuracy, macro-F1, per-class recall, ECE) + confusion-matrix plot."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, meta = load_model_dir(model_dir)
+    test = _load(params, "target", "test")
+    if test.classes != meta["classes"]:
+        raise TransferError(
+            f"model {model_dir} knows classes {meta['classes']} but the target test split has {test.classes}"
+        )
+    device = resolve_device(params.runtime.device)
+    probs = predict_proba(model, test, device)
+    report = classification_report(probs, test.labels, test.classes, params.evaluate.calibration_bins)
+    report["n_test"] = len(test)
+    plot_confusion_matrix(
+        report["confusion_matrix"], test.classes, out / f"confusion_{name}.png", f"{name}: confusion matrix"
+    )
+    (out / f"metrics_{name}.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def learning_curve_plot(trained: TrainedModel, path: str | Path) -> Path:
+    plot_learning_curves(trained.history, path, f"{trained.stage} ({trained.strategy})")
+    return Path(path)
+
+
+def transfer_gain(transfer_acc: float, scratch_acc: float, margin: float = 0.0) -> dict[str, Any]:
+    """Gain of transfer over the scratch baseline; negative transfer flagged."""
+    gain = transfer_acc - scratch_acc
+    return {"transfer_accuracy": transfer_acc, "scratch_accuracy": scratch_acc, "gain": gain,
+            "negative_transfer": gain < -margin}

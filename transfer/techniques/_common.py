@@ -1,0 +1,95 @@
+"""Small helpers shared by the techniques: state snapshots, feature taps, batch walks."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from transfer.errors import TransferError
+
+
+def snapshot(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detached CPU copy of a state dict, so later training cannot change it."""
+    return {name: t.detach().to("cpu", copy=True) for name, t in state_dict.items()}
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """Deep copy in eval mode with every parameter ``requires_grad=False`` (a fixed teacher)."""
+    clone = copy.deepcopy(module)
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone.eval()
+
+
+def body_of(model: nn.Module) -> nn.Module:
+    """The feature extractor of a ``TransferNet``-like model (``model.body``)."""
+    body = getattr(model, "body", None)
+    if not isinstance(body, nn.Module):
+        raise TransferError(f"{type(model).__name__} has no .body: expected a TransferNet")
+    return body
+
+
+def index_batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[Tensor]:
+    """Index batches over ``n`` items: shuffled by ``generator``, in order when it is None."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    yield from order.split(batch_size)
+
+
+class FeatureTap:
+    """Remember what ``model.body`` returned in the forward pass that made the logits.
+
+    Extra losses (:data:`transfer.train.LossFn`) receive ``(model, x, y, logits)`` but not the
+    body features. A forward hook on the body keeps the last (input, output) pair; when the
+    input is the very tensor the loss gets, the stored features are reused (no second
+    forward pass, no second BatchNorm update). Otherwise the body runs again.
+    Call :meth:`close` (or use ``with``) to remove the hook when training is over.
+    """
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+        self._body: nn.Module | None = None
+        self._input: Tensor | None = None
+        self._output: Tensor | None = None
+
+    def features(self, model: nn.Module, x: Tensor) -> Tensor:
+        body = body_of(model)
+        if self._body is not body:
+            self.close()
+            self._body = body
+            self._handle = body.register_forward_hook(self._remember)
+        if self._input is x and self._output is not None:
+            feats = self._output
+        else:
+            feats = body(x)  # (B, F)
+        self._input = self._output = None
+        return feats
+
+    def _remember(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+        self._input = inputs[0] if inputs else None
+        self._output = output
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle, self._body, self._input, self._output = None, None, None, None
+
+    def __enter__(self) -> FeatureTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Timer:
+    """Seconds since construction (for epoch records)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start

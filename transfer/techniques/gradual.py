@@ -1,0 +1,98 @@
+"""Gradual unfreezing with discriminative learning rates (ULMFiT: Howard & Ruder 2018).
+
+Training starts with the body frozen (head only); every ``every_n_epochs`` epochs the next
+block from the top is unfrozen and joins the optimizer as its own param group with a
+smaller learning rate: ``lr * layer_decay ** depth`` (depth 1 = the top block).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from transfer import freezing
+from transfer.config import FinetuneParams
+from transfer.data import ImageTensors
+from transfer.errors import TransferError
+from transfer.train import Callback, fit, seed_everything
+
+
+def blocks_unfrozen_at(epoch: int, every_n_epochs: int, n_blocks: int) -> int:
+    """How many top blocks are trainable during ``epoch`` (1-based): 0 for the first N epochs."""
+    return min((epoch - 1) // every_n_epochs, n_blocks)
+
+
+class GradualUnfreezing(Callback):
+    """Callback for :func:`transfer.train.fit`: unfreeze one more top block every N epochs.
+
+    At the start of epoch ``e`` the top ``(e - 1) // every_n_epochs`` blocks of
+    ``model.blocks`` are trainable. Each newly unfrozen block is added to the optimizer as
+    a param group named ``block-<depth>`` with ``initial_lr = lr * layer_decay ** depth``;
+    its current ``lr`` is that value scaled by where the LR schedule of group 0 stands
+    (``lr / initial_lr`` of group 0), so a block unfrozen late does not jump to a large LR.
+
+    BatchNorm: a frozen block stays in eval mode (``TransferNet.train`` keeps blocks whose
+    parameters are all frozen in eval), so its running mean/var stay those of the source.
+    Once unfrozen, the block follows ``model.train()`` like any trainable module: its BN
+    layers leave eval mode and update their statistics on target batches.
+
+    The hook is a pure function of the epoch number, so the replay that ``fit`` performs
+    when it resumes from a checkpoint rebuilds the same param groups.
+    """
+
+    def __init__(self, every_n_epochs: int, lr: float, layer_decay: float = 1.0) -> None:
+        if every_n_epochs < 1:
+            raise TransferError(f"unfreeze_every must be >= 1, got {every_n_epochs}")
+        self.every_n_epochs, self.lr, self.layer_decay = every_n_epochs, float(lr), float(layer_decay)
+
+    def block_lr(self, depth: int) -> float:
+        return self.lr * self.layer_decay**depth
+
+    def on_epoch_start(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        blocks = list(model.blocks)
+        n = blocks_unfrozen_at(epoch, self.every_n_epochs, len(blocks))
+        if n == 0:
+            return
+        freezing.unfreeze_top(model, n)
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for depth in range(1, n + 1):
+            new = [
+                p for p in blocks[-depth].parameters() if p.requires_grad and id(p) not in in_optimizer
+            ]
+            if new:
+                self._add_group(optimizer, new, depth)
+                in_optimizer.update(id(p) for p in new)
+
+    def _add_group(self, optimizer: torch.optim.Optimizer, params: list, depth: int) -> None:
+        first = optimizer.param_groups[0]
+        schedule = first["lr"] / first.get("initial_lr", first["lr"]) if first["lr"] else 0.0
+        initial = self.block_lr(depth)
+        optimizer.add_param_group(
+            {"params": params, "lr": initial * schedule, "initial_lr": initial, "name": f"block-{depth}"}
+        )
+
+
+def run_gradual(
+    source_model: nn.Module,
+    train: ImageTensors,
+    val: ImageTensors | None,
+    params: FinetuneParams,
+    device: torch.device,
+    seed: int,
+    progress: bool = False,
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Head first, then one more block every ``params.unfreeze_every`` epochs."""
+    seed_everything(seed)  # the new head's init depends on the seed only
+    model = copy.deepcopy(source_model)
+    model.reset_classifier(train.num_classes)
+    freezing.apply_freeze(model, "head")
+    groups = freezing.param_groups(model, params.lr)
+    callback = GradualUnfreezing(params.unfreeze_every, params.lr, params.layer_decay)
+    result = fit(
+        model, train, val, params, device=device, seed=seed, param_groups=groups,
+        callbacks=[callback], progress=progress, desc="finetune (gradual)",
+    )
+    return model, [stats.as_dict() for stats in result.history]
