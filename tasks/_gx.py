@@ -51,9 +51,13 @@ def _get_context() -> Any:
         gx_logger = logging.getLogger("great_expectations")
         if gx_logger.level == logging.NOTSET:
             gx_logger.setLevel(logging.WARNING)
+        # this GX module pins its own logger to INFO and announces a temporary docs dir
+        logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
         context = gx.get_context(mode="ephemeral")
         # GX draws a tqdm "Calculating Metrics" bar per validation unless told not to.
-        context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        context.variables.progress_bars = ProgressBarsConfig(
+            globally=False, metric_calculations=False
+        )
         context.data_sources.add_pandas(_DATASOURCE)
         _context = context
     return _context
@@ -119,6 +123,8 @@ def run_suite(
         gx = gx_module()
         from great_expectations.expectations.metadata_types import FailureSeverity
 
+        _get_context()  # suites need the active context (GX's "current project")
+
         suite = gx.ExpectationSuite(name=suite_name)
         for i, check in enumerate(checks):
             check.expectation.meta = {"check_index": i, "title": check.title}
@@ -145,5 +151,7 @@ def run_suite(
             )
     missing = [i for i in range(len(checks)) if i not in by_index]
     for i in missing:  # should not happen; never drop a check silently
-        by_index[i] = CheckResult(checks[i], False, {}, "GX returned no result for this expectation")
+        by_index[i] = CheckResult(
+            checks[i], False, {}, "GX returned no result for this expectation"
+        )
     return [by_index[i] for i in range(len(checks))]

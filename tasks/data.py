@@ -9,7 +9,6 @@ version is the manifest's content hash.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -61,8 +60,15 @@ def dvc_lock_versions(root: str | Path = ".") -> dict[str, str]:
     lock = Path(root) / "dvc.lock"
     if not lock.exists():
         return {}
-    outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("prepare", {}).get("outs", [])
-    return {Path(o["path"]).name: o.get("md5", "") for o in outs if Path(o["path"]).name in DATASETS}
+    outs = (
+        (yaml.safe_load(lock.read_text()) or {})
+        .get("stages", {})
+        .get("prepare", {})
+        .get("outs", [])
+    )
+    return {
+        Path(o["path"]).name: o.get("md5", "") for o in outs if Path(o["path"]).name in DATASETS
+    }
 
 
 def _data_matches_params_file(params: Params, root: Path) -> bool:
@@ -70,36 +76,21 @@ def _data_matches_params_file(params: Params, root: Path) -> bool:
     return on_disk.data == params.data
 
 
-def _prepared_marker(params: Params) -> Path:
-    return Path(params.data.root) / ".prepared.json"
-
-
-def _prepare_in_process(params: Params, progress: bool) -> None:
-    """Skip when the same synthetic data params were already materialised."""
-    marker = _prepared_marker(params)
-    fingerprint = params.data.model_dump(mode="json")
-    user_data = "imagefolder" in (params.data.source.kind, params.data.target.kind)
-    manifests = [Path(d) / "manifest.csv" for d in stages.dataset_dirs(params).values()]
-    if (
-        not user_data and marker.exists() and all(m.exists() for m in manifests)
-        and json.loads(marker.read_text()) == fingerprint
-    ):
-        log.info("datasets already prepared with these params; skipping")
-        return
-    stages.prepare(params, strict=False, progress=progress)
-    marker.write_text(json.dumps(fingerprint))
-
-
-def version_data(params: Params, *, root: str | Path = ".", progress: bool = False) -> dict[str, Any]:
+def version_data(
+    params: Params, *, root: str | Path = ".", progress: bool = False
+) -> dict[str, Any]:
     """Prepare both datasets and return ``{dataset: {dir, version, dvc_md5}, 'dvc': bool}``."""
     root = Path(root)
     use_dvc = is_dvc_repo(root) and _data_matches_params_file(params, root)
     if is_dvc_repo(root) and not use_dvc:
-        log.warning("data.* overrides differ from params.yaml: preparing outside DVC (untracked data)")
+        log.warning(
+            "data.* overrides differ from params.yaml: preparing outside DVC (untracked data)"
+        )
     if use_dvc:
         run_dvc("repro", "prepare", root=root)
     else:
-        _prepare_in_process(params, progress)
+        # The core reuses a dataset whose recipe (data params, fonts) is unchanged.
+        stages.prepare(params, strict=False, progress=progress)
     md5 = dvc_lock_versions(root) if use_dvc else {}
     result: dict[str, Any] = {"dvc": use_dvc}
     for name, directory in stages.dataset_dirs(params).items():

@@ -16,9 +16,15 @@ from transfer.config import Params
 @task(name="start-pipeline-run")
 def start_pipeline_run(params: Params, run_name: str | None = None) -> str:
     client = tracking.configure(params)
-    run_id = tracking.start_run(client, params, run_name or "transfer-pipeline", tags={"stage": "pipeline"})
+    run_id = tracking.start_run(
+        client, params, run_name or "transfer-pipeline", tags={"stage": "pipeline"}
+    )
     tracking.log_params(client, run_id, params.dump())
-    tracking.set_tags(client, run_id, {"git_commit": tracking.git_commit(), "finetune.strategy": params.finetune.strategy})
+    tracking.set_tags(
+        client,
+        run_id,
+        {"git_commit": tracking.git_commit(), "finetune.strategy": params.finetune.strategy},
+    )
     return run_id
 
 
@@ -36,32 +42,49 @@ def log_data_version(params: Params, run_id: str, data: dict[str, Any]) -> None:
 @task(name="log-source-model")
 def log_source_model(params: Params, run_id: str, source: dict[str, Any]) -> None:
     client = tracking.configure(params)
-    tracking.set_tags(client, run_id, {
-        "source_weights_sha256": source.get("weights_sha256"), "source_origin": source.get("origin"),
-        "source_reused": source.get("reused"), "source_run_id": source.get("run_id"),
-    })
+    tracking.set_tags(
+        client,
+        run_id,
+        {
+            "source_weights_sha256": source.get("weights_sha256"),
+            "source_origin": source.get("origin"),
+            "source_reused": source.get("reused"),
+            "source_run_id": source.get("run_id"),
+        },
+    )
 
 
 @task(name="finish-pipeline-run")
-def finish_pipeline_run(params: Params, run_id: str, summary: dict[str, Any], ok: bool = True) -> dict[str, Any]:
+def finish_pipeline_run(
+    params: Params, run_id: str, summary: dict[str, Any], ok: bool = True
+) -> dict[str, Any]:
     client = tracking.configure(params)
     tracking.log_json(client, run_id, summary, "summary.json")
     tracking.end_run(client, run_id, ok=ok)
     if ok:
-        create_markdown_artifact(markdown=summary_markdown(summary), key="transfer-summary",
-                                 description="transfer pipeline summary")
+        create_markdown_artifact(
+            markdown=summary_markdown(summary),
+            key="transfer-summary",
+            description="transfer pipeline summary",
+        )
     return summary
 
 
 @task(name="fail-pipeline-run")
-def fail_pipeline_run(params: Params, run_id: str, error: str, report_dir: str | None = None) -> None:
+def fail_pipeline_run(
+    params: Params, run_id: str, error: str, report_dir: str | None = None
+) -> None:
     client = tracking.configure(params)
     if report_dir and Path(report_dir).exists():
-        tracking.log_files(client, run_id, sorted(Path(report_dir).glob("validation_report.*")), "validation")
+        tracking.log_files(
+            client, run_id, sorted(Path(report_dir).glob("validation_report.*")), "validation"
+        )
     tracking.set_tags(client, run_id, {"error": error[:4000]})
     tracking.end_run(client, run_id, ok=False)
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items() if not isinstance(v, (dict, list)))
+    rows = "\n".join(
+        f"| {k} | {v} |" for k, v in summary.items() if not isinstance(v, (dict, list))
+    )
     return f"# Transfer pipeline run\n\n| field | value |\n|---|---|\n{rows}\n\n```json\n{json.dumps(summary, indent=2, default=str)}\n```\n"

@@ -40,7 +40,9 @@ class Gate:
 
 def _lock(params: Params) -> FileLock:
     Path(tracking.MLRUNS).mkdir(exist_ok=True)
-    return FileLock(str(Path(tracking.MLRUNS) / f".promote-{params.promote.model_name}.lock"), timeout=600)
+    return FileLock(
+        str(Path(tracking.MLRUNS) / f".promote-{params.promote.model_name}.lock"), timeout=600
+    )
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
@@ -52,40 +54,72 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
 
 def download_model_dir(uri: str) -> Path:
     """The transfer model dir (model.json + model.pt) inside a registered model's artifacts."""
-    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(prefix="champion-")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(prefix="champion-"))
+    )
     found = sorted(p.parent for p in local.rglob("model.json"))
     if not found:
         raise TransferError(f"{uri} holds no transfer model (model.json)")
     return found[0]
 
 
-def champion_accuracy(params: Params, client: MlflowClient, champion: Any, out_dir: Path) -> tuple[float | None, str]:
+def champion_accuracy(
+    params: Params, client: MlflowClient, champion: Any, out_dir: Path
+) -> tuple[float | None, str]:
     """Re-score the champion on today's test set so the comparison is like for like."""
     model_dir = download_model_dir(f"models:/{params.promote.model_name}/{champion.version}")
     try:
         report = stages.evaluate(params, model_dir, out_dir, name=f"champion_v{champion.version}")
     except TransferError as error:  # different class set: cannot compare on this test set
         return None, str(error)
-    return report["accuracy"], f"champion v{champion.version} scores {report['accuracy']:.4f} on this test set"
+    return report[
+        "accuracy"
+    ], f"champion v{champion.version} scores {report['accuracy']:.4f} on this test set"
 
 
 def decide(
-    params: Params, accuracy: float, validation_passed: bool, scratch_accuracy: float | None,
-    champion_acc: float | None, champion_note: str,
+    params: Params,
+    accuracy: float,
+    validation_passed: bool,
+    scratch_accuracy: float | None,
+    champion_acc: float | None,
+    champion_note: str,
 ) -> list[Gate]:
     p = params.promote
     gates = [
-        Gate("validation", validation_passed, "data validation passed" if validation_passed else "data validation failed"),
-        Gate("accuracy_floor", accuracy >= p.accuracy_floor, f"test accuracy {accuracy:.4f} vs floor {p.accuracy_floor}"),
+        Gate(
+            "validation",
+            validation_passed,
+            "data validation passed" if validation_passed else "data validation failed",
+        ),
+        Gate(
+            "accuracy_floor",
+            accuracy >= p.accuracy_floor,
+            f"test accuracy {accuracy:.4f} vs floor {p.accuracy_floor}",
+        ),
     ]
     if champion_acc is not None:
-        gates.append(Gate("beats_champion", accuracy >= champion_acc + p.min_delta,
-                          f"{accuracy:.4f} vs champion {champion_acc:.4f} + min_delta {p.min_delta}"))
+        gates.append(
+            Gate(
+                "beats_champion",
+                accuracy >= champion_acc + p.min_delta,
+                f"{accuracy:.4f} vs champion {champion_acc:.4f} + min_delta {p.min_delta}",
+            )
+        )
     else:
-        gates.append(Gate("beats_champion", True, f"no comparable champion ({champion_note or 'first model'})"))
+        gates.append(
+            Gate(
+                "beats_champion", True, f"no comparable champion ({champion_note or 'first model'})"
+            )
+        )
     if p.require_beats_scratch and scratch_accuracy is not None:
-        gates.append(Gate("beats_scratch", accuracy > scratch_accuracy,
-                          f"{accuracy:.4f} vs scratch baseline {scratch_accuracy:.4f}"))
+        gates.append(
+            Gate(
+                "beats_scratch",
+                accuracy > scratch_accuracy,
+                f"{accuracy:.4f} vs scratch baseline {scratch_accuracy:.4f}",
+            )
+        )
     return gates
 
 
@@ -93,9 +127,13 @@ def _register(params: Params, tuned: dict[str, Any], tags: dict[str, Any]) -> An
     from tasks.pyfunc_model import log_pyfunc_model
 
     with mlflow.start_run(run_id=tuned["run_id"]):
-        info = log_pyfunc_model(tuned["model_dir"], name="model", registered_model_name=params.promote.model_name)
+        info = log_pyfunc_model(
+            tuned["model_dir"], name="model", registered_model_name=params.promote.model_name
+        )
     client = MlflowClient()
-    version = client.get_model_version(params.promote.model_name, str(info.registered_model_version))
+    version = client.get_model_version(
+        params.promote.model_name, str(info.registered_model_version)
+    )
     for key, value in tracking.flatten("", tags).items():
         if value is not None:
             client.set_model_version_tag(version.name, version.version, key, str(value))
@@ -103,26 +141,39 @@ def _register(params: Params, tuned: dict[str, Any], tags: dict[str, Any]) -> An
 
 
 def promote_model(
-    params: Params, data: dict[str, Any], source: dict[str, Any], tuned: dict[str, Any],
-    evaluation: dict[str, Any], validation_passed: bool, parent_run_id: str,
+    params: Params,
+    data: dict[str, Any],
+    source: dict[str, Any],
+    tuned: dict[str, Any],
+    evaluation: dict[str, Any],
+    validation_passed: bool,
+    parent_run_id: str,
 ) -> dict[str, Any]:
     client = tracking.configure(params)
     name = params.promote.model_name
     accuracy = evaluation["transfer"]["accuracy"]
     scratch_acc = evaluation.get("scratch", {}).get("accuracy")
     tags = {
-        "test_accuracy": accuracy, "scratch_accuracy": scratch_acc, "strategy": tuned["strategy"],
-        "data.source.version": data["source"]["version"], "data.target.version": data["target"]["version"],
-        "data.source.dvc_md5": data["source"].get("dvc_md5"), "data.target.dvc_md5": data["target"].get("dvc_md5"),
-        "source_weights_sha256": source.get("weights_sha256"), "source_origin": source.get("origin"),
-        "git_commit": tracking.git_commit(), "pipeline_run_id": parent_run_id,
+        "test_accuracy": accuracy,
+        "scratch_accuracy": scratch_acc,
+        "strategy": tuned["strategy"],
+        "data.source.version": data["source"]["version"],
+        "data.target.version": data["target"]["version"],
+        "data.source.dvc_md5": data["source"].get("dvc_md5"),
+        "data.target.dvc_md5": data["target"].get("dvc_md5"),
+        "source_weights_sha256": source.get("weights_sha256"),
+        "source_origin": source.get("origin"),
+        "git_commit": tracking.git_commit(),
+        "pipeline_run_id": parent_run_id,
     }
     with _lock(params):
         version = _register(params, tuned, tags)
         champion = alias_version(client, name, CHAMPION)
         champ_acc, note = (None, "")
         if champion is not None:
-            champ_acc, note = champion_accuracy(params, client, champion, Path(evaluation["out_dir"]))
+            champ_acc, note = champion_accuracy(
+                params, client, champion, Path(evaluation["out_dir"])
+            )
         gates = decide(params, accuracy, validation_passed, scratch_acc, champ_acc, note)
         promoted = all(g.passed for g in gates)
         if promoted:
@@ -134,13 +185,18 @@ def promote_model(
             reason = "; ".join(g.detail for g in gates if not g.passed)
             client.set_model_version_tag(name, version.version, "rejected", reason)
     decision = {
-        "model_name": name, "version": version.version, "promoted": promoted,
+        "model_name": name,
+        "version": version.version,
+        "promoted": promoted,
         "reason": "all gates passed" if promoted else reason,
         "previous_champion": champion.version if champion is not None else None,
-        "champion_accuracy": champ_acc, "gates": [asdict(g) for g in gates],
+        "champion_accuracy": champ_acc,
+        "gates": [asdict(g) for g in gates],
     }
     tracking.log_json(client, parent_run_id, decision, "promotion/decision.json")
-    tracking.set_tags(client, parent_run_id, {"promoted": promoted, "model_version": version.version})
+    tracking.set_tags(
+        client, parent_run_id, {"promoted": promoted, "model_version": version.version}
+    )
     return decision
 
 
@@ -149,13 +205,20 @@ def rollback(params: Params) -> dict[str, Any]:
     client = tracking.configure(params)
     name = params.promote.model_name
     with _lock(params):
-        champion, previous = alias_version(client, name, CHAMPION), alias_version(client, name, PREVIOUS)
+        champion, previous = (
+            alias_version(client, name, CHAMPION),
+            alias_version(client, name, PREVIOUS),
+        )
         if previous is None:
             raise TransferError(f"model {name!r} has no '{PREVIOUS}' version to roll back to")
         client.set_registered_model_alias(name, CHAMPION, previous.version)
         if champion is not None:
             client.set_registered_model_alias(name, PREVIOUS, champion.version)
-    return {"model_name": name, "champion": previous.version, "previous": champion.version if champion else None}
+    return {
+        "model_name": name,
+        "champion": previous.version,
+        "previous": champion.version if champion else None,
+    }
 
 
 promote_task = stage_task("promote")(promote_model)

@@ -49,19 +49,31 @@ ENV_DEVICE = "TRANSFER_SERVE_DEVICE"
 
 # What the served model imports: the pyfunc itself plus the ``transfer`` core (see CONTRACTS.md).
 REQUIREMENTS = (
-    "mlflow", "torch", "torchvision", "numpy", "pillow", "pandas",
-    "pydantic", "pyyaml", "scikit-learn", "matplotlib",
+    "mlflow",
+    "torch",
+    "torchvision",
+    "numpy",
+    "pillow",
+    "pandas",
+    "pydantic",
+    "pyyaml",
+    "scikit-learn",
+    "matplotlib",
 )
 
-INPUT_SCHEMA = Schema([
-    ColSpec("string", IMAGE_COLUMN, required=False),  # base64 PNG/JPEG, one image per row
-    ColSpec(AnyType(), TENSOR_COLUMN, required=False),  # nested lists, (C,S,S) or (S,S) float
-])
-OUTPUT_SCHEMA = Schema([
-    ColSpec("string", "label"),
-    ColSpec("double", "probability"),
-    ColSpec(Map("double"), "probabilities"),
-])
+INPUT_SCHEMA = Schema(
+    [
+        ColSpec("string", IMAGE_COLUMN, required=False),  # base64 PNG/JPEG, one image per row
+        ColSpec(AnyType(), TENSOR_COLUMN, required=False),  # nested lists, (C,S,S) or (S,S) float
+    ]
+)
+OUTPUT_SCHEMA = Schema(
+    [
+        ColSpec("string", "label"),
+        ColSpec("double", "probability"),
+        ColSpec(Map("double"), "probabilities"),
+    ]
+)
 SIGNATURE = ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA)  # no fixed batch size
 
 
@@ -103,9 +115,10 @@ def dataframe_to_rows(frame: pd.DataFrame, max_batch: int) -> list[Any]:
         frame = pd.DataFrame(frame)
     columns = [c for c in (IMAGE_COLUMN, TENSOR_COLUMN) if c in frame.columns]
     if not columns:
+        got = ", ".join(map(str, frame.columns)) or "none the model knows"
         raise InputError(
             f"expected a column '{IMAGE_COLUMN}' (base64 PNG/JPEG) or '{TENSOR_COLUMN}' "
-            f"(nested lists), got columns {list(map(str, frame.columns))}"
+            f"(nested lists); got columns: {got}"
         )
     if len(frame) > max_batch:  # before decoding anything
         raise InputError(
@@ -145,7 +158,9 @@ class TransferPyfuncModel(mlflow.pyfunc.PythonModel):
             device=device,
         )
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
         try:
             rows = dataframe_to_rows(model_input, self.predictor.max_batch)
             results = self.predictor.predict(rows)
@@ -156,9 +171,25 @@ class TransferPyfuncModel(mlflow.pyfunc.PythonModel):
         except Exception as error:  # a server fault: log the traceback here, answer 500 without it
             log.exception("prediction failed")
             raise MlflowException(
-                f"internal error while predicting: {type(error).__name__}", error_code=INTERNAL_ERROR
+                f"internal error while predicting: {type(error).__name__}",
+                error_code=INTERNAL_ERROR,
             ) from error
         return pd.DataFrame(results, columns=["label", "probability", "probabilities"])
+
+
+def input_example(rows: int = 2) -> pd.DataFrame:
+    """A request of ``rows`` small PNGs (any size works: the model resizes), shown in the UI."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    images = []
+    for shade in range(rows):
+        buffer = io.BytesIO()
+        Image.new("L", (8, 8), color=64 + 64 * (shade % 3)).save(buffer, format="PNG")
+        images.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return pd.DataFrame({IMAGE_COLUMN: images})
 
 
 def pip_requirements() -> list[str]:
@@ -191,11 +222,21 @@ def log_pyfunc_model(
     for required in ("model.pt", "model.json"):
         if not (model_dir / required).is_file():
             raise InputError(f"{model_dir} is not a saved model dir: {required} is missing")
+    model_id = None
+    if run_id:
+        # Model.log files a run-less model under the *current* experiment; create the logged
+        # model in the run's experiment instead, so it sits beside the run in the UI.
+        experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+        model_id = mlflow.initialize_logged_model(
+            name=name, source_run_id=run_id, experiment_id=experiment_id
+        ).model_id
     return mlflow.models.Model.log(
+        artifact_path=None,  # deprecated in MLflow 3 but still positional: ``name`` is used
         name=name,
         flavor=mlflow.pyfunc,
         flavor_name="pyfunc.ModelFromCode",
         run_id=run_id,
+        model_id=model_id,
         registered_model_name=registered_model_name,
         await_registration_for=await_registration_for,
         python_model=str(Path(__file__).resolve()),
@@ -203,6 +244,7 @@ def log_pyfunc_model(
         code_paths=[str(transfer_package_dir())],
         model_config={"max_batch": int(max_batch), "max_image_bytes": int(max_image_bytes)},
         signature=SIGNATURE,
+        input_example=input_example(),  # two rows: the batch dimension stays free
         pip_requirements=pip_requirements(),
     )
 

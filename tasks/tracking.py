@@ -56,7 +56,10 @@ def experiment_id(client: MlflowClient, params: Params) -> str:
 
 
 def start_run(
-    client: MlflowClient, params: Params, name: str, parent_id: str | None = None,
+    client: MlflowClient,
+    params: Params,
+    name: str,
+    parent_id: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> str:
     all_tags = dict(tags or {})
@@ -89,7 +92,9 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
         client.log_batch(run_id, params=items[start : start + 100])
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+def log_metrics(
+    client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0
+) -> None:
     from mlflow.entities import Metric
 
     now = mlflow.utils.time.get_current_time_millis()
@@ -125,10 +130,14 @@ def log_json(client: MlflowClient, run_id: str, data: Any, artifact_file: str) -
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
         path.write_text(json.dumps(data, indent=2, default=str))
-        client.log_artifact(run_id, str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+        client.log_artifact(
+            run_id, str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None
+        )
 
 
-def log_files(client: MlflowClient, run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
+def log_files(
+    client: MlflowClient, run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None
+) -> None:
     for path in paths:
         if Path(path).exists():
             client.log_artifact(run_id, str(path), artifact_path)
@@ -137,7 +146,12 @@ def log_files(client: MlflowClient, run_id: str, paths: Iterable[str | Path], ar
 def git_commit(cwd: str | Path = ".") -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return None

@@ -36,7 +36,9 @@ def content_key(*parts: Any) -> str:
 def _source_key(params: Params, data: dict[str, Any]) -> str:
     return content_key(
         params.pretrain.model_dump(mode="json", exclude={"source_model"}),
-        params.data.image_size, params.data.channels, params.runtime.seed,
+        params.data.image_size,
+        params.data.channels,
+        params.runtime.seed,
         data["source"]["version"],
     )
 
@@ -52,7 +54,10 @@ def _stage_code_hash() -> str:
 def _pretrain_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     """Prefect cache key: the source-model key + stage code, only once the model exists."""
     params, data = parameters["params"], parameters["data"]
-    if params.pretrain.source_model or not (source_dir(params, data) / "source_model" / "model.json").exists():
+    if (
+        params.pretrain.source_model
+        or not (source_dir(params, data) / "source_model" / "model.json").exists()
+    ):
         return None
     return f"pretrain-{_source_key(params, data)}-{_stage_code_hash()}"
 
@@ -69,7 +74,9 @@ def _resolve_source_reference(reference: str, params: Params) -> Path:
     if Path(reference).is_dir():
         return Path(reference)
     if ":/" not in reference:
-        raise TransferError(f"pretrain.source_model={reference!r} is neither a model directory nor an MLflow URI")
+        raise TransferError(
+            f"pretrain.source_model={reference!r} is neither a model directory nor an MLflow URI"
+        )
     import mlflow
 
     tracking.configure(params)
@@ -80,40 +87,72 @@ def _resolve_source_reference(reference: str, params: Params) -> Path:
     return found[0]
 
 
-def pretrain_source(params: Params, data: dict[str, Any], parent_run_id: str | None) -> dict[str, Any]:
+def pretrain_source(
+    params: Params, data: dict[str, Any], parent_run_id: str | None
+) -> dict[str, Any]:
     """Train (or reuse) the source model; log a nested MLflow run when it trains."""
     client = tracking.configure(params)
     if params.pretrain.source_model:
         model_dir = _resolve_source_reference(params.pretrain.source_model, params)
         _, meta = load_model_dir(model_dir)
-        return {"model_dir": str(model_dir), "weights_sha256": meta.get("weights_sha256"),
-                "origin": params.pretrain.source_model, "reused": True, "run_id": None}
+        return {
+            "model_dir": str(model_dir),
+            "weights_sha256": meta.get("weights_sha256"),
+            "origin": params.pretrain.source_model,
+            "reused": True,
+            "run_id": None,
+        }
     out = source_dir(params, data)
     out.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         model_json = out / "source_model" / "model.json"
         if model_json.exists():
             meta = json.loads(model_json.read_text())
-            return {"model_dir": str(model_json.parent), "weights_sha256": meta["weights_sha256"],
-                    "origin": f"pretrained here ({out.name})", "reused": True,
-                    "run_id": meta.get("mlflow_run_id")}
-        run_id = tracking.start_run(client, params, "pretrain", parent_run_id, {"stage": "pretrain"})
+            return {
+                "model_dir": str(model_json.parent),
+                "weights_sha256": meta["weights_sha256"],
+                "origin": f"pretrained here ({out.name})",
+                "reused": True,
+                "run_id": meta.get("mlflow_run_id"),
+            }
+        run_id = tracking.start_run(
+            client, params, "pretrain", parent_run_id, {"stage": "pretrain"}
+        )
         try:
-            tracking.log_params(client, run_id, {"pretrain": params.pretrain.model_dump(mode="json"),
-                                                 "data": params.data.model_dump(mode="json")})
+            tracking.log_params(
+                client,
+                run_id,
+                {
+                    "pretrain": params.pretrain.model_dump(mode="json"),
+                    "data": params.data.model_dump(mode="json"),
+                },
+            )
             trained = stages.pretrain(params, out, progress=False)
             _log_trained(client, run_id, trained, "learning_curves_pretrain.png")
-            tracking.log_metrics(client, run_id, {"source_test_accuracy": trained.info["source_test_accuracy"]})
-            tracking.set_tags(client, run_id, {"source_weights_sha256": trained.info["weights_sha256"],
-                                               "data.source.version": data["source"]["version"]})
+            tracking.log_metrics(
+                client, run_id, {"source_test_accuracy": trained.info["source_test_accuracy"]}
+            )
+            tracking.set_tags(
+                client,
+                run_id,
+                {
+                    "source_weights_sha256": trained.info["weights_sha256"],
+                    "data.source.version": data["source"]["version"],
+                },
+            )
             _stamp_run_id(Path(trained.model_dir), run_id)
         except BaseException:
             tracking.end_run(client, run_id, ok=False)
             raise
         tracking.end_run(client, run_id)
-        return {"model_dir": trained.model_dir, "weights_sha256": trained.info["weights_sha256"],
-                "origin": f"pretrained here ({out.name})", "reused": False, "run_id": run_id,
-                "source_test_accuracy": trained.info["source_test_accuracy"]}
+        return {
+            "model_dir": trained.model_dir,
+            "weights_sha256": trained.info["weights_sha256"],
+            "origin": f"pretrained here ({out.name})",
+            "reused": False,
+            "run_id": run_id,
+            "source_test_accuracy": trained.info["source_test_accuracy"],
+        }
 
 
 def _stamp_run_id(model_dir: Path, run_id: str) -> None:
@@ -126,45 +165,83 @@ def _stamp_run_id(model_dir: Path, run_id: str) -> None:
 
 
 def _train_target(
-    kind: str, params: Params, data: dict[str, Any], source: dict[str, Any] | None,
+    kind: str,
+    params: Params,
+    data: dict[str, Any],
+    source: dict[str, Any] | None,
     parent_run_id: str | None,
 ) -> dict[str, Any]:
     """Shared by fine-tune and scratch: keyed out dir (resume on rerun), nested run, plots."""
     client = tracking.configure(params)
-    strategy, reason = stages.resolve_strategy(params) if kind == "finetune" else ("scratch", "baseline")
-    key = content_key(kind, strategy, params.finetune.model_dump(mode="json"), params.pretrain.arch,
-                      params.data.image_size, params.data.channels, params.runtime.seed,
-                      data["target"]["version"], source["weights_sha256"] if source else None)
+    strategy, reason = (
+        stages.resolve_strategy(params) if kind == "finetune" else ("scratch", "baseline")
+    )
+    key = content_key(
+        kind,
+        strategy,
+        params.finetune.model_dump(mode="json"),
+        params.pretrain.arch,
+        params.data.image_size,
+        params.data.channels,
+        params.runtime.seed,
+        data["target"]["version"],
+        source["weights_sha256"] if source else None,
+    )
     out = Path(params.runtime.artifacts_dir) / kind / key
     out.mkdir(parents=True, exist_ok=True)
-    run_id = tracking.start_run(client, params, kind, parent_run_id, {"stage": kind, "strategy": strategy})
+    run_id = tracking.start_run(
+        client, params, kind, parent_run_id, {"stage": kind, "strategy": strategy}
+    )
     try:
         with FileLock(str(out) + ".lock"):
-            tracking.log_params(client, run_id, {"finetune": params.finetune.model_dump(mode="json"),
-                                                 "strategy": strategy, "strategy_reason": reason})
+            tracking.log_params(
+                client,
+                run_id,
+                {
+                    "finetune": params.finetune.model_dump(mode="json"),
+                    "strategy": strategy,
+                    "strategy_reason": reason,
+                },
+            )
             if kind == "finetune":
-                trained = stages.finetune(params, source["model_dir"], out, strategy=strategy, progress=False)
+                trained = stages.finetune(
+                    params, source["model_dir"], out, strategy=strategy, progress=False
+                )
             else:
                 trained = stages.train_scratch(params, out, progress=False)
             _log_trained(client, run_id, trained, f"learning_curves_{kind}.png")
-            tracking.set_tags(client, run_id, {
-                "data.target.version": data["target"]["version"],
-                "data.target.dvc_md5": data["target"].get("dvc_md5"),
-                "source_weights_sha256": source["weights_sha256"] if source else None,
-            })
+            tracking.set_tags(
+                client,
+                run_id,
+                {
+                    "data.target.version": data["target"]["version"],
+                    "data.target.dvc_md5": data["target"].get("dvc_md5"),
+                    "source_weights_sha256": source["weights_sha256"] if source else None,
+                },
+            )
     except BaseException:
         tracking.end_run(client, run_id, ok=False)
         raise
     tracking.end_run(client, run_id)
-    return {"model_dir": trained.model_dir, "strategy": strategy, "reason": reason, "run_id": run_id,
-            "seconds": trained.seconds, "epochs": len(trained.history)}
+    return {
+        "model_dir": trained.model_dir,
+        "strategy": strategy,
+        "reason": reason,
+        "run_id": run_id,
+        "seconds": trained.seconds,
+        "epochs": len(trained.history),
+    }
 
 
-def finetune_target(params: Params, data: dict[str, Any], source: dict[str, Any], parent_run_id: str | None) -> dict[str, Any]:
+def finetune_target(
+    params: Params, data: dict[str, Any], source: dict[str, Any], parent_run_id: str | None
+) -> dict[str, Any]:
     return _train_target("finetune", params, data, source, parent_run_id)
 
 
-def train_baseline(params: Params, data: dict[str, Any], parent_run_id: str | None) -> dict[str, Any]:
+def train_baseline(
+    params: Params, data: dict[str, Any], parent_run_id: str | None
+) -> dict[str, Any]:
     return _train_target("scratch", params, data, None, parent_run_id)
 
 

@@ -9,12 +9,14 @@ core stays importable without Prefect or MLflow.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.table import Table
 
 from transfer.config import Params, load_params
@@ -60,14 +62,11 @@ def validate(
     report_dir: Annotated[Path, typer.Option(help="where the report is written")] = Path("artifacts/validation/latest"),
 ) -> None:
     """Run the great-expectations suites on the prepared datasets (no training)."""
-    from tasks.validate_gate import validate_datasets
+    from tasks.validate import validate_stage
 
-    params = _params(params_file, overrides)
-    report = validate_datasets(params, str(report_dir))
-    console.print(report.to_markdown())
-    if not report.passed:
-        raise TransferError(f"data validation failed: see {report_dir}/validation_report.md")
-    console.print(f"[green]validation passed[/green] (report in {report_dir})")
+    report = validate_stage(_params(params_file, overrides), report_dir)  # raises on failure
+    console.print(Markdown(report.to_markdown()))
+    console.print(f"[green]{report.summary()}[/green] (report in {report_dir})")
 
 
 @app.command()
@@ -182,8 +181,19 @@ def _print_mapping(title: str, data: dict[str, Any]) -> None:
     console.print(table)
 
 
+# Offline machines: no usage telemetry from the libraries (each would log a network error).
+OFFLINE_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+}
+
+
 def main() -> None:
     """Entry point: user errors print as one line (exit 2), never a traceback."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
     try:
         app()
     except TransferError as error:

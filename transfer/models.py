@@ -126,7 +126,9 @@ def _conv_bn_relu(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _plain_cnn(arch: str, widths: tuple[int, ...], num_classes: int, in_channels: int, dropout: float) -> TransferNet:
+def _plain_cnn(
+    arch: str, widths: tuple[int, ...], num_classes: int, in_channels: int, dropout: float
+) -> TransferNet:
     """conv-BN-ReLU(-maxpool) stages, pooling after every stage but the last."""
     stages: OrderedDict[str, nn.Module] = OrderedDict()
     c_in = in_channels
@@ -164,13 +166,18 @@ def _resnet18(num_classes: int, in_channels: int) -> TransferNet:
     tv = _torchvision("resnet18", num_classes)
     tv.conv1 = _first_conv_for(tv.conv1, in_channels)
     stem = nn.Sequential(OrderedDict(conv1=tv.conv1, bn1=tv.bn1, relu=tv.relu, maxpool=tv.maxpool))
-    stages = OrderedDict(stem=stem, layer1=tv.layer1, layer2=tv.layer2, layer3=tv.layer3, layer4=tv.layer4)
-    net = TransferNet("resnet18", Body(stages), tv.fc.in_features, num_classes, in_channels, head=tv.fc)
+    layers = {name: getattr(tv, name) for name in ("layer1", "layer2", "layer3", "layer4")}
+    body = Body(OrderedDict(stem=stem, **layers))  # 32x32 -> (B, 512, 1, 1) -> (B, 512)
+    net = TransferNet("resnet18", body, tv.fc.in_features, num_classes, in_channels, head=tv.fc)
     return _remember_keys(net, tv)
 
 
-def _group_features(features: nn.Sequential, groups: dict[str, range]) -> OrderedDict[str, nn.Module]:
-    return OrderedDict((name, nn.Sequential(*(features[i] for i in idx))) for name, idx in groups.items())
+def _group_features(
+    features: nn.Sequential, groups: dict[str, range]
+) -> OrderedDict[str, nn.Module]:
+    return OrderedDict(
+        (name, nn.Sequential(*(features[i] for i in idx))) for name, idx in groups.items()
+    )
 
 
 def _adapt_features_stem(features: nn.Sequential, in_channels: int) -> None:
@@ -263,7 +270,8 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 def hub_weights_path(arch: str) -> Path:
     """Where torchvision would cache the default ImageNet weights of ``arch``."""
     if arch not in _TORCHVISION:
-        raise TransferError(f"weights='hub' needs a torchvision arch ({', '.join(_TORCHVISION)}), got {arch}")
+        known = ", ".join(_TORCHVISION)
+        raise TransferError(f"weights='hub' needs a torchvision arch ({known}), got {arch}")
     from torchvision import models
 
     url = models.get_model_weights(arch).DEFAULT.url
@@ -346,7 +354,9 @@ def create_model(
     if arch not in _ARCHS:
         raise TransferError(f"unknown arch {arch!r}; known archs: {', '.join(list_archs())}")
     if num_classes < 1 or in_channels < 1:
-        raise TransferError(f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
+        raise TransferError(
+            f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}"
+        )
     model = _ARCHS[arch](num_classes, in_channels)
     if weights is not None:
         load_weights(model, weights)
@@ -437,9 +447,13 @@ def load_model_dir(directory: str | Path) -> tuple[TransferNet, dict[str, Any]]:
     state = _read_state_dict(directory / MODEL_FILE)
     expected = meta.get("weights_sha256")
     if expected and weights_sha256(state) != expected:
-        raise TransferError(f"{directory / MODEL_FILE} does not match the weights_sha256 in {META_FILE}")
+        raise TransferError(
+            f"{directory / MODEL_FILE} does not match the weights_sha256 in {META_FILE}"
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise TransferError(f"{directory / MODEL_FILE} does not fit {meta['arch']}: {error}") from None
+        raise TransferError(
+            f"{directory / MODEL_FILE} does not fit {meta['arch']}: {error}"
+        ) from None
     return model.eval(), meta

@@ -218,7 +218,7 @@ def prepare_batch(
     for index, item in enumerate(items):
         if _is_encoded(item):
             pixels = decode_image(item, image_size, channels, max_image_bytes, index)
-            rows.append(to_float(torch.from_numpy(pixels)[None]).to(torch.float32))
+            rows.append(to_float(torch.tensor(pixels)[None]).to(torch.float32))  # copy: PIL arrays are read-only
         elif item is None or (isinstance(item, float) and np.isnan(item)):
             raise InputError(f"row {index}: missing image")
         else:

@@ -81,7 +81,8 @@ def load_split(
 ) -> ImageTensors:
     """Images of one split (train/val/test/unlabelled) as uint8 (N, C, S, S) tensors."""
     if split not in (*SPLITS, UNLABELLED):
-        raise DataError(f"unknown split '{split}': expected one of {', '.join((*SPLITS, UNLABELLED))}")
+        known = ", ".join((*SPLITS, UNLABELLED))
+        raise DataError(f"unknown split '{split}': expected one of {known}")
     if channels not in (1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels}")
     dataset_dir = Path(dataset_dir)

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from transfer.data.images import png_bytes
-from transfer.data.manifest import ManifestRow, inspect_image
+from transfer.data.manifest import ManifestRow, generated_row
 from transfer.data.progress import progress_bar
 
 LEVELS = 16  # sklearn digits: each 8x8 cell counts the inked pixels of a 4x4 block (0..16)
@@ -39,5 +39,5 @@ def write_sklearn_digits(dest: Path, image_size: int, progress: bool = True) -> 
             data = png_bytes(levels_to_image(digits.images[i], image_size))
             rel = f"{digits.target[i]}/{i:04d}.png"
             (dest / rel).write_bytes(data)
-            rows.append(inspect_image(data, rel, str(digits.target[i])))
+            rows.append(generated_row(data, rel, str(digits.target[i]), image_size))
     return rows

@@ -60,7 +60,7 @@ def list_imagefolder(root: str | Path) -> list[FolderFile]:
 
 
 def copy_imagefolder(
-    root: str | Path, dest: Path, files: list[FolderFile], progress: bool = True
+    root: str | Path, dest: Path, *, files: list[FolderFile], progress: bool = True
 ) -> list[ManifestRow]:
     """Copy the files byte-for-byte into ``dest`` and describe each (readable or not)."""
     root = Path(root)

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
@@ -47,8 +48,10 @@ MANIFEST_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ManifestRow))
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+    """Stable one-line error text (no memory addresses: the manifest must be reproducible)."""
+    lines = str(error).strip().splitlines()
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "(bytes)", lines[0] if lines else "")
+    return f"{type(error).__name__}: {text}".rstrip(": ")
 
 
 def inspect_image(data: bytes, path: str, label: str, split: str = "") -> ManifestRow:
@@ -67,6 +70,12 @@ def inspect_image(data: bytes, path: str, label: str, split: str = "") -> Manife
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb)
         return ManifestRow(path, label, split, 0, 0, "", 0, digest, False, _first_line(error))
     return ManifestRow(path, label, split, width, height, mode, channels, digest, True, "")
+
+
+def generated_row(data: bytes, path: str, label: str, image_size: int) -> ManifestRow:
+    """Row for a grayscale square PNG this package just encoded (known valid: no re-decode)."""
+    digest = hashlib.sha256(data).hexdigest()
+    return ManifestRow(path, label, "", image_size, image_size, "L", 1, digest, True, "")
 
 
 def write_manifest(rows: Iterable[ManifestRow], dataset_dir: str | Path) -> Path:

@@ -9,6 +9,7 @@ last build is reused instead of rebuilt.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any
 
 from transfer.config import DataParams
 from transfer.data.digits import write_sklearn_digits
-from transfer.data.fonts import RENDER_VERSION, write_font_digits
+from transfer.data.fonts import digit_fonts, write_font_digits
 from transfer.data.imagefolder import copy_imagefolder, list_imagefolder
 from transfer.data.manifest import (
     UNLABELLED,
@@ -37,7 +38,7 @@ from transfer.errors import DataError
 
 log = logging.getLogger(__name__)
 
-STAMP = ".prepared.json"  # hidden: ignored by the ImageFolder reader
+RECIPE_VERSION = 1  # bump when a producer's output changes: forces rebuilds
 STALE_TMP_SECONDS = 3600
 SKIP_HINT = "remove the file(s) or set data.skip_bad_images=true"
 
@@ -114,14 +115,19 @@ def split_rows(
     rows: list[ManifestRow], *, test_size: int | float, val_size: int | float, seed: int,
     origin: Path,
 ) -> list[ManifestRow]:
-    labelled = [r for r in rows if r.label]
+    """Stratified splits over the readable labelled rows.
+
+    Unreadable rows (kept only when strict=False) go to "train", where loading skips
+    them, so they never take a val/test slot; unlabelled rows go to "unlabelled".
+    """
+    labelled = [r for r in rows if r.label and r.readable]
     splits = assign_splits(
         [r.path for r in labelled], [r.label for r in labelled],
         test_size=test_size, val_size=val_size, seed=seed, groups=[r.sha256 for r in labelled],
     )
+    check_splits([r.label for r in labelled], splits, str(origin))
     out = [r.with_split(s) for r, s in zip(labelled, splits, strict=True)]
-    readable = [r for r in out if r.readable]
-    check_splits([r.label for r in readable], [r.split for r in readable], str(origin))
+    out += [r.with_split("train") for r in rows if r.label and not r.readable]
     return out + [r.with_split(UNLABELLED) for r in rows if not r.label]
 
 
@@ -142,9 +148,14 @@ def _listing_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
+def _stamp_path(dest: Path) -> Path:
+    """The recipe a dataset was built from; kept outside it so the DVC output holds data only."""
+    return dest.parent / ".cache" / f"prepared-{dest.name}.json"
+
+
 def _is_current(dest: Path, recipe: dict[str, Any]) -> bool:
     try:
-        stamp = json.loads((dest / STAMP).read_text())
+        stamp = json.loads(_stamp_path(dest).read_text())
         if stamp["recipe"] != recipe or stamp["manifest_sha256"] != manifest_sha256(dest):
             return False
         return all((dest / r.path).is_file() for r in read_manifest(dest))
@@ -152,9 +163,11 @@ def _is_current(dest: Path, recipe: dict[str, Any]) -> bool:
         return False
 
 
-def _write_stamp(tmp: Path, recipe: dict[str, Any]) -> None:
-    stamp = {"recipe": recipe, "manifest_sha256": manifest_sha256(tmp)}
-    (tmp / STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True))
+def _write_stamp(dest: Path, recipe: dict[str, Any]) -> None:
+    stamp = {"recipe": recipe, "manifest_sha256": manifest_sha256(dest)}
+    path = _stamp_path(dest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stamp, indent=2, sort_keys=True))
 
 
 # ---------------------------------------------------------------- build
@@ -174,49 +187,57 @@ def _build(
     with atomic_dir(dest) as tmp:
         rows = produce(tmp)
         rows = handle_bad_files(rows, tmp, origin, skip=params.skip_bad_images, strict=strict)
-        test_size, val_size = sizes(sum(1 for r in rows if r.label))
+        test_size, val_size = sizes(sum(1 for r in rows if r.label and r.readable))
         rows = split_rows(rows, test_size=test_size, val_size=val_size, seed=params.seed,
                           origin=origin)
         write_manifest(rows, tmp)
-        _write_stamp(tmp, recipe)
+    _write_stamp(dest, recipe)  # after the rename: a stamp never describes a torn build
     return dest
 
 
 def _imagefolder_producer(root: Path, progress: bool) -> Producer:
     files = list_imagefolder(root)  # validate before any copying
-    return lambda tmp: copy_imagefolder(root, tmp, files, progress)
+    return functools.partial(copy_imagefolder, root, files=files, progress=progress)
+
+
+def _source_sizes(test_fraction: float, val_fraction: float, n: int) -> tuple[float, float]:
+    return test_fraction, val_fraction
 
 
 def prepare_source(params: DataParams, *, strict: bool = True, progress: bool = True) -> Path:
     spec, dest = params.source, Path(params.root) / "source"
-    sizes = lambda n: (spec.test_fraction, spec.val_fraction)  # noqa: E731
+    sizes = functools.partial(_source_sizes, spec.test_fraction, spec.val_fraction)
     recipe: dict[str, Any] = {"kind": spec.kind, "val": spec.val_fraction,
                               "test": spec.test_fraction}
     if spec.kind == "fonts":
-        recipe |= {"n": spec.n, "image_size": params.image_size, "renderer": RENDER_VERSION}
-        produce: Producer = lambda tmp: write_font_digits(  # noqa: E731
-            tmp, spec.n, params.image_size, params.seed, progress)
+        fonts = [Path(f).name for f in digit_fonts()]  # another matplotlib may ship others
+        recipe |= {"n": spec.n, "image_size": params.image_size, "version": RECIPE_VERSION,
+                   "fonts": fonts}
+        produce: Producer = functools.partial(
+            write_font_digits, n=spec.n, image_size=params.image_size, seed=params.seed,
+            progress=progress,
+        )
         origin = Path("data.source (fonts)")
     else:
         origin = Path(spec.path or "")
         produce = _imagefolder_producer(origin, progress)
-        recipe |= {"path": str(origin.resolve()), "listing": _listing_digest(origin)}
+        recipe |= {"path": spec.path, "listing": _listing_digest(origin)}
     return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict)
 
 
 def prepare_target(params: DataParams, *, strict: bool = True, progress: bool = True) -> Path:
     spec, dest = params.target, Path(params.root) / "target"
-    sizes = lambda n: _target_sizes(spec.test_size, spec.val_fraction, n)  # noqa: E731
+    sizes = functools.partial(_target_sizes, spec.test_size, spec.val_fraction)
     recipe: dict[str, Any] = {"kind": spec.kind, "val": spec.val_fraction, "test": spec.test_size}
     if spec.kind == "sklearn_digits":
-        recipe |= {"image_size": params.image_size, "renderer": RENDER_VERSION}
-        produce: Producer = lambda tmp: write_sklearn_digits(  # noqa: E731
-            tmp, params.image_size, progress)
+        recipe |= {"image_size": params.image_size, "version": RECIPE_VERSION}
+        produce: Producer = functools.partial(
+            write_sklearn_digits, image_size=params.image_size, progress=progress)
         origin = Path("data.target (sklearn_digits)")
     else:
         origin = Path(spec.path or "")
         produce = _imagefolder_producer(origin, progress)
-        recipe |= {"path": str(origin.resolve()), "listing": _listing_digest(origin)}
+        recipe |= {"path": spec.path, "listing": _listing_digest(origin)}
     return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict)
 
 

@@ -188,7 +188,9 @@ def _fit_conservative(
     groups = freezing.param_groups(
         model, params.lr, body_lr_mult=params.body_lr_mult, layer_decay=params.layer_decay
     )
-    cfg = params if weight_decay is None else params.model_copy(update={"weight_decay": weight_decay})
+    cfg = params
+    if weight_decay is not None:
+        cfg = params.model_copy(update={"weight_decay": weight_decay})
     result = fit(
         model, train, val, cfg, device=device, seed=seed, param_groups=groups, extra_loss=extra,
         progress=progress, desc=f"finetune ({name})",
@@ -227,7 +229,9 @@ def run_distill(
     model = _full_finetune_model(source_model, train.num_classes, seed)
     distill = Distillation(source_model, params.distill_weight, params.distill_temperature)
     try:
-        history = _fit_conservative(model, distill, train, val, params, device, seed, progress, "distill")
+        history = _fit_conservative(
+            model, distill, train, val, params, device, seed, progress, "distill"
+        )
     finally:
         distill.close()
     return model, history

@@ -30,7 +30,7 @@ class GradualUnfreezing(Callback):
 
     At the start of epoch ``e`` the top ``(e - 1) // every_n_epochs`` blocks of
     ``model.blocks`` are trainable. Each newly unfrozen block is added to the optimizer as
-    a param group named ``block-<depth>`` with ``initial_lr = lr * layer_decay ** depth``;
+    a param group named ``body.<block name>`` with ``initial_lr = lr * layer_decay ** depth``;
     its current ``lr`` is that value scaled by where the LR schedule of group 0 stands
     (``lr / initial_lr`` of group 0), so a block unfrozen late does not jump to a large LR.
 
@@ -46,12 +46,15 @@ class GradualUnfreezing(Callback):
     def __init__(self, every_n_epochs: int, lr: float, layer_decay: float = 1.0) -> None:
         if every_n_epochs < 1:
             raise TransferError(f"unfreeze_every must be >= 1, got {every_n_epochs}")
-        self.every_n_epochs, self.lr, self.layer_decay = every_n_epochs, float(lr), float(layer_decay)
+        self.every_n_epochs = every_n_epochs
+        self.lr, self.layer_decay = float(lr), float(layer_decay)
 
     def block_lr(self, depth: int) -> float:
         return self.lr * self.layer_decay**depth
 
-    def on_epoch_start(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def on_epoch_start(
+        self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> None:
         blocks = list(model.blocks)
         n = blocks_unfrozen_at(epoch, self.every_n_epochs, len(blocks))
         if n == 0:
@@ -60,18 +63,24 @@ class GradualUnfreezing(Callback):
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for depth in range(1, n + 1):
             new = [
-                p for p in blocks[-depth].parameters() if p.requires_grad and id(p) not in in_optimizer
+                p for p in blocks[-depth].parameters()
+                if p.requires_grad and id(p) not in in_optimizer
             ]
             if new:
-                self._add_group(optimizer, new, depth)
+                names = getattr(model, "block_names", None)
+                name = f"body.{names[-depth]}" if names else f"block-{depth}"
+                self._add_group(optimizer, new, depth, name)
                 in_optimizer.update(id(p) for p in new)
 
-    def _add_group(self, optimizer: torch.optim.Optimizer, params: list, depth: int) -> None:
+    def _add_group(
+        self, optimizer: torch.optim.Optimizer, params: list, depth: int, name: str
+    ) -> None:
         first = optimizer.param_groups[0]
-        schedule = first["lr"] / first.get("initial_lr", first["lr"]) if first["lr"] else 0.0
+        initial_first = first.get("initial_lr", first["lr"])
+        schedule = first["lr"] / initial_first if initial_first else 1.0
         initial = self.block_lr(depth)
         optimizer.add_param_group(
-            {"params": params, "lr": initial * schedule, "initial_lr": initial, "name": f"block-{depth}"}
+            {"params": params, "lr": initial * schedule, "initial_lr": initial, "name": name}
         )
 
 

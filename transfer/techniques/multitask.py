@@ -62,7 +62,9 @@ class TaskView(nn.Module):
         return self.net.heads[self.task_name](self.net.body(x))  # (B, K_task)
 
 
-def normalise_weights(weights: Mapping[str, float] | Sequence[float] | None, tasks: Sequence[str]) -> dict[str, float]:
+def normalise_weights(
+    weights: Mapping[str, float] | Sequence[float] | None, tasks: Sequence[str]
+) -> dict[str, float]:
     """Task weights as a dict; a sequence is matched to ``tasks`` in order; None = all 1."""
     if weights is None:
         return {t: 1.0 for t in tasks}
@@ -151,7 +153,9 @@ DERIVED_TASKS: dict[str, Callable[[Sequence[str]], Tensor]] = {
 def _check_task_labels(net: MultiTaskNet, n: int, task_labels: Mapping[str, Tensor]) -> None:
     for name, labels in task_labels.items():
         if name not in net.heads:
-            raise TransferError(f"labels for task {name!r}, but the net has heads {sorted(net.heads)}")
+            raise TransferError(
+                f"labels for task {name!r}, but the net has heads {sorted(net.heads)}"
+            )
         if labels.shape != (n,):
             raise TransferError(f"task {name!r}: {tuple(labels.shape)} labels for {n} images")
 
@@ -230,9 +234,10 @@ def evaluate_multitask(
     net.train(was_training)
     result = {}
     for name, labels in task_labels.items():
-        pred = torch.cat(predictions[name]) if predictions[name] else torch.empty(0, dtype=torch.int64)
+        pred = torch.cat(predictions[name]) if predictions[name] else torch.empty(0).long()
         known = labels >= 0
-        result[name] = (pred[known] == labels[known]).float().mean().item() if known.any() else float("nan")
+        hits = (pred[known] == labels[known]).float()
+        result[name] = hits.mean().item() if known.any() else float("nan")
     return result
 
 
@@ -300,7 +305,8 @@ def run_multitask(
     """
     if len(params.multitask_weights) != 2:
         raise TransferError(
-            f"finetune.multitask_weights needs 2 values [class, parity], got {params.multitask_weights}"
+            "finetune.multitask_weights needs 2 values [class, parity], "
+            f"got {params.multitask_weights}"
         )
     w_main, w_parity = params.multitask_weights
     seed_everything(seed)  # the new head's init depends on the seed only

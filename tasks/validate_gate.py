@@ -1,0 +1,30 @@
+"""Stage 2 in the flow: run the GX suites, log the report to MLflow, stop on failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from tasks import tracking
+from tasks.validate import validate_data
+from transfer.config import Params
+
+
+@task(name="validate-gate", retries=0)
+def validate_gate_task(
+    params: Params, data: dict[str, Any], report_dir: str, run_id: str
+) -> dict[str, Any]:
+    """Raises ``DataValidationError`` (a user error: no retry) when an expectation fails."""
+    report = validate_data.fn(params, report_dir)  # publishes the Prefect markdown artifact
+    client = tracking.configure(params)
+    tracking.log_files(
+        client, run_id, sorted(Path(report_dir).glob("validation_report.*")), "validation"
+    )
+    tracking.set_tags(client, run_id, {"validation": report.summary()})
+    return {
+        "passed": report.passed,
+        "summary": report.summary(),
+        "warnings": len(report.warnings()),
+    }

@@ -1,0 +1,73 @@
+"""Shared fixtures: one Prefect test harness per session, tiny params, temp DVC repos."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+# dvc runs stage commands through the shell: this venv's `transfer` must be on PATH.
+os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (~25 s to start, then ~1 s a flow)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+TINY_PARAMS = {
+    "data": {"image_size": 16, "source": {"n": 1000}, "target": {"test_size": 300}},
+    "validate": {"min_per_class": 3},
+    "pretrain": {"arch": "small_cnn", "epochs": 4, "batch_size": 64},
+    "finetune": {"strategy": "full", "labels_per_class": 5, "epochs": 6, "batch_size": 16},
+    "promote": {"accuracy_floor": 0.0, "min_delta": 0.0},
+    "runtime": {"device": "cpu"},
+}
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture
+def dvc_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh git + DVC repo holding the project's dvc.yaml and tiny params, as cwd."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    run(["git", "init", "-q"], repo)
+    run(["git", "config", "user.email", "ci@example.com"], repo)
+    run(["git", "config", "user.name", "ci"], repo)
+    run([str(BIN / "dvc"), "init", "-q"], repo)
+    run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(tmp_path / "dvc-remote")], repo)
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    # dvc.yaml deps name source folders of the project: mirror them so `dvc repro` resolves.
+    shutil.copytree(REPO / "transfer", repo / "transfer", ignore=shutil.ignore_patterns("__pycache__"))
+    write_yaml(repo / "params.yaml", TINY_PARAMS)
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return repo

@@ -1,0 +1,121 @@
+"""End to end on tiny data: real Prefect (test harness), MLflow (sqlite in tmp), DVC, GX."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tests.conftest import TINY_PARAMS, write_yaml
+from transfer.config import load_params
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+NAME = "digits-transfer"
+
+
+def _run(overrides: list[str] | None = None) -> dict:
+    from flows.pipeline import transfer_pipeline
+
+    return transfer_pipeline(params_file="params.yaml", overrides=overrides or [])
+
+
+def _aliases(client: MlflowClient) -> dict[str, str]:
+    return dict(client.get_registered_model(NAME).aliases)
+
+
+def _png_b64(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_promote_reject_rollback_and_serve_batch(dvc_repo: Path) -> None:
+    first = _run()
+    client = MlflowClient()
+    assert first["promoted"], first
+    assert first["dvc_tracked"] and len(first["data_version"]["target"]) >= 32
+    assert (dvc_repo / "dvc.lock").exists()  # the data version came from `dvc repro prepare`
+    assert _aliases(client) == {"champion": first["model_version"]}
+
+    # Same data + params: the source model is reused, not retrained; equal accuracy promotes.
+    second = _run()
+    assert second["source_reused"]
+    assert second["promoted"], second
+    assert _aliases(client) == {"champion": second["model_version"], "previous": first["model_version"]}
+
+    # A worse model (no fine-tuning epochs) is registered but rejected; champion stays.
+    worse = _run(["finetune.epochs=0"])
+    assert not worse["promoted"]
+    version = client.get_model_version(NAME, worse["model_version"])
+    assert "rejected" in version.tags and "champion" in version.tags["rejected"]
+    assert _aliases(client)["champion"] == second["model_version"]
+
+    # Every version traces back to its data and source weights.
+    tags = client.get_model_version(NAME, first["model_version"]).tags
+    assert tags["data.target.dvc_md5"] == first["data_version"]["target"]
+    assert len(tags["source_weights_sha256"]) == 64
+
+    # Rollback swaps champion and previous.
+    from tasks.promote import rollback
+
+    rollback(load_params("params.yaml"))
+    assert _aliases(client) == {"champion": first["model_version"], "previous": second["model_version"]}
+
+    # The champion loads by alias and predicts a batch of several images, with class names.
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    digits = [np.asarray(Image.open(p)) for p in sorted((dvc_repo / "data/target/3").glob("*.png"))[:5]]
+    out = model.predict(pd.DataFrame({"image": [_png_b64(d) for d in digits]}))
+    assert len(out) == 5
+    assert set(out["label"]) <= {str(i) for i in range(10)}
+
+    # The parent run carries the data version, plots and the summary.
+    run = client.get_run(first["mlflow_run_id"])
+    assert run.data.tags["data.target.dvc_md5"] == first["data_version"]["target"]
+    artifacts = {a.path for a in client.list_artifacts(first["mlflow_run_id"], "plots")}
+    assert "plots/transfer_gain.png" in artifacts and "plots/confusion_transfer.png" in artifacts
+
+
+def _imagefolder(root: Path, classes: int = 3, per_class: int = 14, size: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(per_class):
+            img = np.zeros((size, size), np.uint8)
+            img[:, c * 4 : c * 4 + 4] = 200 + rng.integers(0, 55)
+            img[rng.integers(0, size), rng.integers(0, size)] = rng.integers(0, 255)
+            Image.fromarray(img).save(root / str(c) / f"{i}.png")
+    return root
+
+
+def test_corrupt_image_fails_validation_and_registers_nothing(dvc_repo: Path, tmp_path: Path) -> None:
+    from tasks.validate import DataValidationError
+
+    user_data = _imagefolder(tmp_path / "user")
+    (user_data / "1" / "5.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"],
+                                      "target": {"kind": "imagefolder", "path": str(user_data), "test_size": 0.3}}}
+    write_yaml(dvc_repo / "params.yaml", params)
+    with pytest.raises(DataValidationError) as error:
+        _run()
+    assert "1/5.png" in str(error.value)
+    client = MlflowClient()
+    assert client.search_model_versions(f"name='{NAME}'") == []
+    failed = client.search_runs([client.get_experiment_by_name("transfer-pipeline").experiment_id],
+                                filter_string="tags.stage = 'pipeline'")
+    assert failed[0].info.status == "FAILED"
+    assert any(a.path.startswith("validation") for a in client.list_artifacts(failed[0].info.run_id))
+
+
+def test_bad_override_fails_before_anything_runs(dvc_repo: Path) -> None:
+    from transfer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="finetune.nope"):
+        _run(["finetune.nope=1"])
+    assert not (dvc_repo / "data").exists()

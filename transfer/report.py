@@ -1,0 +1,891 @@
+"""The transfer report: does transfer make sense here, and did it help?
+
+Pure core (no MLflow, no Prefect): ``tasks/report.py`` gathers a pipeline run's records
+into a plain ``data`` dict and calls :func:`build_report`, which writes
+
+- ``report.html``: one self-contained page (CSS inline, every image an embedded base64
+  PNG): summary, data sizes, the transfer-sense checks, the sample-efficiency curve,
+  confusion matrices, a negative-transfer warning, the source model's provenance and
+  the fine-tuning strategy with its reason;
+- ``report.png``: a one-page figure (headline numbers + curve + both confusion matrices);
+- ``sample_efficiency.png``, ``confusion_*.png`` and ``report.json`` (the data behind it).
+
+The ``data`` dict (every key optional; a missing part shows as "not available")::
+
+    title: str
+    run: {run_id, run_name, status, start_time, experiment, git_commit}
+    summary: {transfer_accuracy, scratch_accuracy, gain, negative_transfer_margin,
+              strategy, strategy_reason, labels_per_class, model_name, model_version,
+              promoted, promotion_reason, data_version: {source, target}}
+    datasets: {source: dataset_summary(...), target: dataset_summary(...)}
+    checks: [{check, passed, detail, level}]      # default: transfer_sense_checks(datasets)
+    sample_efficiency: {curves: {strategy: {k: accuracy}}, notes: [str], epochs: int | None}
+    confusion: {transfer: {matrix, classes, accuracy}, scratch: {...}}
+    source_model: {weights_sha256, origin, reused, initial_weights, source_data_version,
+                   source_test_accuracy, arch, run_id, model_dir, recorded_weights_sha256}
+    notes: [str]                                   # anything the gatherer could not find
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import logging
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, get_args
+
+import numpy as np
+
+from transfer.config import Params, Strategy
+from transfer.errors import TransferError
+
+log = logging.getLogger(__name__)
+
+MIN_SOURCE_RATIO = 10.0  # source images per labelled target image for transfer to pay off
+MAX_SIZE_RATIO = 4.0  # median image sides further apart than this: features change scale
+SCRATCH = "scratch"
+DEFAULT_KS = (1, 5, 10, 50)
+DEFAULT_STRATEGIES = ("head", "full")
+GREY, COLOUR = "grey", "colour"
+
+
+# --------------------------------------------------------------------------- dataset summaries
+
+
+def dataset_summary(
+    dataset_dir: str | Path, name: str | None = None, labels_per_class: int | None = None
+) -> dict[str, Any]:
+    """Sizes of one prepared dataset from its manifest: per split, per class, image shapes.
+
+    ``labels_per_class`` (target): the labelled budget training actually uses is
+    ``labels_per_class * n_classes``.
+    """
+    from transfer.data import read_manifest
+
+    rows = read_manifest(dataset_dir)
+    readable = [r for r in rows if r.readable]
+    classes = sorted({r.label for r in readable if r.label})
+    splits: dict[str, int] = {}
+    per_class: dict[str, dict[str, int]] = {c: {} for c in classes}
+    for row in readable:
+        splits[row.split] = splits.get(row.split, 0) + 1
+        if row.label:
+            per_class[row.label][row.split] = per_class[row.label].get(row.split, 0) + 1
+    sides = [float(np.sqrt(r.width * r.height)) for r in readable]
+    summary: dict[str, Any] = {
+        "name": name or Path(dataset_dir).name,
+        "dir": str(dataset_dir),
+        "kind": "images" if readable else "empty",
+        "n_images": len(readable),
+        "n_unreadable": len(rows) - len(readable),
+        "classes": classes,
+        "splits": {s: splits[s] for s in ("train", "val", "test", "unlabelled") if s in splits},
+        "per_class": per_class,
+        "channels": sorted({r.channels for r in readable}),
+        "modes": sorted({r.mode for r in readable}),
+        "width": _range([r.width for r in readable]),
+        "height": _range([r.height for r in readable]),
+        "median_side": statistics.median(sides) if sides else None,
+    }
+    if labels_per_class is not None:
+        summary["labels_per_class"] = labels_per_class
+        summary["labelled_budget"] = labels_per_class * len(classes)
+    return summary
+
+
+def _range(values: Sequence[int]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+# --------------------------------------------------------------------------- sense checks
+
+
+def _check(name: str, passed: bool, detail: str, level: str | None = None) -> dict[str, Any]:
+    return {"check": name, "passed": bool(passed), "detail": detail,
+            "level": level or ("pass" if passed else "fail")}
+
+
+def _family(channels: Iterable[int]) -> set[str]:
+    return {GREY if c in (1, 2) else COLOUR for c in channels}
+
+
+def _labelled(summary: Mapping[str, Any]) -> int:
+    splits = summary.get("splits") or {}
+    return sum(n for split, n in splits.items() if split != "unlabelled")
+
+
+def _target_budget(summary: Mapping[str, Any]) -> int:
+    budget = summary.get("labelled_budget")
+    if budget:
+        return int(budget)
+    return int((summary.get("splits") or {}).get("train", 0))
+
+
+def transfer_sense_checks(
+    source_summary: Mapping[str, Any], target_summary: Mapping[str, Any],
+    min_ratio: float = MIN_SOURCE_RATIO,
+) -> list[dict[str, Any]]:
+    """Does transfer make sense? Same input kind, far more source data, class overlap.
+
+    Each check: ``{check, passed, detail, level}``, level one of pass | warn | fail | info
+    (warn and info do not stop anything: they explain what to expect).
+    """
+    s_kind, t_kind = source_summary.get("kind"), target_summary.get("kind")
+    checks = [
+        _check("same_input_kind", s_kind == t_kind == "images",
+               f"source: {s_kind}, target: {t_kind}"
+               + (" (images -> images: low-level features can transfer)"
+                  if s_kind == t_kind == "images" else " (transfer needs the same input kind)")),
+    ]
+    s_fam, t_fam = _family(source_summary.get("channels", ())), _family(target_summary.get("channels", ()))
+    detail = (f"source channels {source_summary.get('channels')} ({'/'.join(sorted(s_fam)) or '?'}), "
+              f"target channels {target_summary.get('channels')} ({'/'.join(sorted(t_fam)) or '?'})")
+    same = bool(s_fam) and s_fam == t_fam
+    checks.append(_check(
+        "compatible_channels", same,
+        detail + ("" if same else "; both are converted to data.channels, but colour features "
+                  "transfer less well to grey images and vice versa"),
+        None if same else "warn"))
+    s_side, t_side = source_summary.get("median_side"), target_summary.get("median_side")
+    if s_side and t_side:
+        ratio = max(s_side, t_side) / min(s_side, t_side)
+        ok = ratio <= MAX_SIZE_RATIO
+        checks.append(_check(
+            "compatible_image_sizes", ok,
+            f"median side {s_side:.0f}px (source) vs {t_side:.0f}px (target), ratio {ratio:.1f}x "
+            f"(limit {MAX_SIZE_RATIO:.0f}x)" + ("" if ok else ": resizing this much changes the "
+                                               "scale of the edges and blobs the early layers learned"),
+            None if ok else "warn"))
+    else:
+        checks.append(_check("compatible_image_sizes", False, "image sizes unknown", "warn"))
+    n_source, budget = _labelled(source_summary), _target_budget(target_summary)
+    if budget > 0:
+        ratio = n_source / budget
+        ok = ratio >= min_ratio
+        checks.append(_check(
+            "source_much_larger", ok,
+            f"{n_source:,} labelled source images vs a target budget of {budget:,} labelled images: "
+            f"{ratio:,.1f}x (threshold {min_ratio:g}x)"
+            + ("" if ok else ": the source is not much larger, so pretraining may add little")))
+    else:
+        checks.append(_check("source_much_larger", False, "the target has no labelled training images"))
+    s_cls, t_cls = set(source_summary.get("classes", ())), set(target_summary.get("classes", ()))
+    shared = sorted(s_cls & t_cls)
+    if shared == sorted(t_cls) and t_cls:
+        note = "every target class name also exists in the source task"
+    elif shared:
+        note = f"shared: {', '.join(shared[:10])}{' ...' if len(shared) > 10 else ''}"
+    else:
+        note = "no shared class names: only the body transfers"
+    checks.append(_check(
+        "class_overlap", True,
+        f"{len(shared)} of {len(t_cls)} target classes appear among the {len(s_cls)} source classes "
+        f"({note}; the output layer is re-initialised either way)", "info"))
+    return checks
+
+
+# --------------------------------------------------------------------------- sample efficiency
+
+
+class Curves(dict):
+    """``curves[strategy][k] = test accuracy``, with ``notes`` (skipped points) and ``points``."""
+
+    def __init__(self, *args: Any, notes: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.notes: list[str] = list(notes or [])
+        self.points: list[dict[str, Any]] = []
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _test_accuracy(model_dir: Path, test: Any, device: Any) -> float:
+    from transfer.models import load_model_dir
+    from transfer.train import predict_proba
+
+    model, meta = load_model_dir(model_dir)
+    if list(meta.get("classes", test.classes)) != list(test.classes):
+        raise TransferError(f"{model_dir} knows classes {meta.get('classes')}, the test split {test.classes}")
+    probs = predict_proba(model, test, device)
+    return float((probs.argmax(dim=1) == test.labels).float().mean())
+
+
+def _check_strategies(strategies: Sequence[str]) -> list[str]:
+    known = set(get_args(Strategy)) | {SCRATCH}
+    unknown = [s for s in strategies if s not in known]
+    if unknown:
+        raise TransferError(f"unknown strategies {unknown}; known: {', '.join(sorted(known))}")
+    return list(dict.fromkeys(strategies))
+
+
+def sample_efficiency(
+    params: Params,
+    source_model_dir: str | Path,
+    ks: Sequence[int] = DEFAULT_KS,
+    strategies: Sequence[str] = DEFAULT_STRATEGIES,
+    work_dir: str | Path = "artifacts/report/sweep",
+    progress: bool = False,
+    *,
+    epochs: int | None = None,
+    include_scratch: bool = True,
+    keep_models: bool = False,
+    on_point: Callable[[str, int, float], None] | None = None,
+) -> Curves:
+    """Test accuracy vs labels per class, from scratch and for each fine-tuning strategy.
+
+    Every point trains with ``params`` except ``finetune.labels_per_class = k`` (and
+    ``finetune.epochs = epochs`` when given, for a quick sweep) and is scored on the fixed
+    target test split. A k larger than the smallest class of the target train split is
+    skipped with a note. Points are cached under ``work_dir`` by a key of everything that
+    determines them, so a second report of the same run trains nothing.
+    """
+    from transfer import stages
+    from transfer.data import dataset_version, load_split
+    from transfer.models import load_model_dir
+    from transfer.train import resolve_device
+
+    names = _check_strategies(strategies)
+    if include_scratch and SCRATCH not in names:
+        names = [SCRATCH, *names]
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise TransferError(f"labels per class must be >= 1, got {ks}")
+    target_dir = stages.dataset_dirs(params)["target"]
+    size, channels = params.data.image_size, params.data.channels
+    counts = load_split(target_dir, "train", size, channels).class_counts()
+    test = load_split(target_dir, "test", size, channels)
+    smallest = min(counts.values()) if counts else 0
+    _, source_meta = load_model_dir(source_model_dir)
+    device = resolve_device(params.runtime.device)
+    curves = Curves()
+    usable = [k for k in ks if k <= smallest]
+    for k in ks:
+        if k > smallest:
+            tight = min(counts, key=counts.get) if counts else "?"
+            curves.notes.append(f"k={k} skipped: class '{tight}' holds only {smallest} training images")
+    base = {
+        "target": dataset_version(target_dir), "arch": params.pretrain.arch, "size": size,
+        "channels": channels, "seed": params.runtime.seed,
+    }
+    for name in names:
+        for k in usable:
+            p = params.model_copy(deep=True)
+            p.finetune.labels_per_class = k
+            if epochs is not None:
+                p.finetune.epochs = epochs
+            source_sha = None if name == SCRATCH else source_meta.get("weights_sha256")
+            key = _key(base, name, p.finetune.model_dump(mode="json"), source_sha)
+            point_dir = Path(work_dir) / f"{name}-k{k}-{key}"
+            try:
+                accuracy, seconds, cached = _point(stages, p, name, source_model_dir, point_dir, test,
+                                                   device, progress, keep_models)
+            except TransferError as error:
+                curves.notes.append(f"{name} skipped from k={k} on: {error}")
+                break
+            curves.setdefault(name, {})[k] = accuracy
+            curves.points.append({"strategy": name, "k": k, "accuracy": accuracy,
+                                  "seconds": seconds, "cached": cached})
+            log.info("sample efficiency: %s k=%d -> %.4f (%.1fs%s)", name, k, accuracy, seconds,
+                     ", cached" if cached else "")
+            if on_point is not None:
+                on_point(name, k, accuracy)
+    return curves
+
+
+def _point(
+    stages: Any, params: Params, name: str, source_model_dir: str | Path, point_dir: Path,
+    test: Any, device: Any, progress: bool, keep_models: bool,
+) -> tuple[float, float, bool]:
+    result_file = point_dir / "result.json"
+    if result_file.exists():
+        cached = json.loads(result_file.read_text())
+        return float(cached["accuracy"]), float(cached["seconds"]), True
+    started = time.perf_counter()
+    if name == SCRATCH:
+        trained = stages.train_scratch(params, point_dir, progress=progress)
+    else:
+        strategy = None if name == "auto" else name
+        trained = stages.finetune(params, source_model_dir, point_dir, strategy=strategy, progress=progress)
+    accuracy = _test_accuracy(Path(trained.model_dir), test, device)
+    seconds = time.perf_counter() - started
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps({
+        "strategy": name, "resolved_strategy": trained.strategy,
+        "k": params.finetune.labels_per_class, "epochs": params.finetune.epochs,
+        "accuracy": accuracy, "seconds": seconds,
+    }, indent=2))
+    if not keep_models:
+        for sub in ("model", "checkpoints"):
+            shutil.rmtree(point_dir / sub, ignore_errors=True)
+    return accuracy, seconds, False
+
+
+def negative_points(curves: Mapping[str, Mapping[Any, float]], margin: float = 0.0) -> list[str]:
+    """Where a transfer strategy scores below scratch at the same k (minus ``margin``)."""
+    scratch = {int(k): v for k, v in (curves.get(SCRATCH) or {}).items()}
+    out = []
+    for name, curve in curves.items():
+        if name == SCRATCH:
+            continue
+        for k, acc in sorted((int(k), v) for k, v in curve.items()):
+            if k in scratch and acc < scratch[k] - margin:
+                out.append(f"k={k}: {name} {acc:.3f} < scratch {scratch[k]:.3f} ({acc - scratch[k]:+.3f})")
+    return out
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _norm_curves(curves: Mapping[str, Mapping[Any, float]]) -> dict[str, list[tuple[int, float]]]:
+    return {name: sorted((int(k), float(v)) for k, v in curve.items())
+            for name, curve in curves.items() if curve}
+
+
+def _draw_curves(ax: Any, curves: Mapping[str, Mapping[Any, float]],
+                 run_point: Mapping[str, Any] | None = None) -> None:
+    norm = _norm_curves(curves)
+    ks = sorted({k for points in norm.values() for k, _ in points})
+    colours = iter(["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
+                    "tab:olive", "tab:cyan", "tab:red"])
+    ordered = [n for n in norm if n == SCRATCH] + [n for n in norm if n != SCRATCH]
+    for name in ordered:
+        xs, ys = zip(*norm[name])
+        if name == SCRATCH:
+            ax.plot(xs, ys, linestyle="--", marker="s", color="tab:gray", label="scratch (baseline)")
+        else:
+            ax.plot(xs, ys, linestyle="-", marker="o", color=next(colours, None), label=name)
+        for x, y in zip(xs, ys):
+            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 5),
+                        ha="center", fontsize=7)
+    if run_point and run_point.get("k"):
+        k = int(run_point["k"])
+        for key, label, colour in (("transfer_accuracy", f"this run: {run_point.get('strategy', 'transfer')}",
+                                    "black"), ("scratch_accuracy", "this run: scratch", "tab:gray")):
+            if run_point.get(key) is not None:
+                ax.plot([k], [float(run_point[key])], marker="*", markersize=13, linestyle="none",
+                        color=colour, label=label)
+                ks = sorted(set(ks) | {k})
+    if not ks:
+        ax.text(0.5, 0.5, "no sample-efficiency points", ha="center", va="center",
+                transform=ax.transAxes)
+        return
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.minorticks_off()
+    if len(ks) == 1:
+        ax.set_xlim(ks[0] / 2, ks[0] * 2)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("labelled target images per class (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def plot_sample_efficiency(
+    curves: Mapping[str, Mapping[Any, float]], path: str | Path,
+    title: str = "Sample efficiency: accuracy vs labels per class",
+    run_point: Mapping[str, Any] | None = None,
+) -> Path:
+    """Accuracy vs k (log x), one line per strategy, scratch dashed; PNG at ``path``."""
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    _draw_curves(ax, curves, run_point)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def _draw_confusion(ax: Any, fig: Any, matrix: Sequence[Sequence[int]], classes: Sequence[str],
+                    title: str) -> None:
+    cm = np.asarray(matrix, dtype=np.int64)
+    support = cm.sum(axis=1, keepdims=True)
+    rates = np.divide(cm, support, out=np.zeros(cm.shape), where=support > 0)
+    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of true class")
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, [str(c) for c in classes], rotation=45 if len(classes) > 10 else 0, fontsize=8)
+    ax.set_yticks(ticks, [str(c) for c in classes], fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if len(classes) <= 20:
+        for (i, j), count in np.ndenumerate(cm):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black")
+
+
+def _confusion_title(name: str, block: Mapping[str, Any]) -> str:
+    acc = block.get("accuracy")
+    return f"{name}" + (f" (accuracy {acc:.3f})" if acc is not None else "")
+
+
+def plot_confusion(block: Mapping[str, Any], name: str, path: str | Path) -> Path:
+    matrix, classes = block["matrix"], block.get("classes") or [str(i) for i in range(len(block["matrix"]))]
+    size = 1.5 + 0.45 * len(classes)
+    fig = _figure(size + 1.2, size)
+    _draw_confusion(fig.subplots(), fig, matrix, classes, _confusion_title(name, block))
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- report data
+
+
+def _f(value: Any, digits: int = 3, sign: bool = False) -> str:
+    if value is None or value == "":
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+    return str(value)
+
+
+def negative_transfer(summary: Mapping[str, Any]) -> bool | None:
+    """``gain < -margin``; None when there is no scratch baseline to compare with."""
+    gain = summary.get("gain")
+    if gain is None:
+        t, s = summary.get("transfer_accuracy"), summary.get("scratch_accuracy")
+        if t is None or s is None:
+            return None
+        gain = float(t) - float(s)
+    return float(gain) < -float(summary.get("negative_transfer_margin") or 0.0)
+
+
+def _gain(summary: Mapping[str, Any]) -> float | None:
+    if summary.get("gain") is not None:
+        return float(summary["gain"])
+    t, s = summary.get("transfer_accuracy"), summary.get("scratch_accuracy")
+    return None if t is None or s is None else float(t) - float(s)
+
+
+def _run_point(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    summary = data.get("summary") or {}
+    if not summary.get("labels_per_class"):
+        return None
+    return {"k": summary["labels_per_class"], "strategy": summary.get("strategy"),
+            "transfer_accuracy": summary.get("transfer_accuracy"),
+            "scratch_accuracy": summary.get("scratch_accuracy")}
+
+
+def _checks(data: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    if data.get("checks") is not None:
+        return list(data["checks"])
+    datasets = data.get("datasets") or {}
+    if datasets.get("source") and datasets.get("target"):
+        return transfer_sense_checks(datasets["source"], datasets["target"])
+    return None
+
+
+# --------------------------------------------------------------------------- HTML
+
+CSS = """
+:root { --ok:#1a7f37; --bad:#cf222e; --warn:#9a6700; --info:#0969da; --muted:#57606a; --line:#d0d7de; }
+* { box-sizing: border-box; }
+body { font: 15px/1.5 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color:#1f2328;
+       max-width: 1120px; margin: 0 auto; padding: 24px 28px 60px; background:#fff; }
+h1 { font-size: 26px; margin: 0 0 4px; }
+h2 { font-size: 19px; border-bottom: 1px solid var(--line); padding-bottom: 6px; margin-top: 36px; }
+.sub, .muted { color: var(--muted); font-size: 13px; }
+code { font: 12.5px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background:#f6f8fa;
+       padding: 1px 4px; border-radius: 4px; word-break: break-all; }
+table { border-collapse: collapse; width: 100%; margin: 10px 0; font-size: 14px; }
+th, td { border: 1px solid var(--line); padding: 6px 9px; text-align: left; vertical-align: top; }
+th { background: #f6f8fa; font-weight: 600; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); gap: 12px; }
+.card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; }
+.card .label { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
+.card .value { font-size: 22px; font-weight: 600; }
+.pos { color: var(--ok); } .neg { color: var(--bad); }
+.badge { display: inline-block; min-width: 52px; text-align: center; font-size: 12px; font-weight: 700;
+         border-radius: 10px; padding: 1px 8px; color: #fff; }
+.badge.pass { background: var(--ok); } .badge.fail { background: var(--bad); }
+.badge.warn { background: var(--warn); } .badge.info { background: var(--info); }
+.banner { border-radius: 8px; padding: 12px 16px; margin: 16px 0; border: 1px solid; }
+.banner.danger { background: #ffebe9; border-color: #ff8182; color: #82071e; }
+.banner.good { background: #dafbe1; border-color: #4ac26b; color: #044f1e; }
+.banner.note { background: #fff8c5; border-color: #d4a72c; color: #4d2d00; }
+.figs { display: flex; flex-wrap: wrap; gap: 18px; }
+.figs figure { margin: 0; flex: 1 1 420px; }
+img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }
+figcaption { color: var(--muted); font-size: 13px; }
+dl.kv { display: grid; grid-template-columns: 220px 1fr; gap: 4px 14px; }
+dl.kv dt { color: var(--muted); } dl.kv dd { margin: 0; }
+ul.notes li { margin: 2px 0; }
+footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(_f(value))
+
+
+def png_data_uri(path: str | Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _img(path: str | Path, alt: str, caption: str | None = None) -> str:
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure><img src="{png_data_uri(path)}" alt="{html.escape(alt)}">{cap}</figure>'
+
+
+def _na(what: str) -> str:
+    return f'<p class="muted">{html.escape(what)}: not available.</p>'
+
+
+def _card(label: str, value: str, cls: str = "") -> str:
+    return (f'<div class="card"><div class="label">{html.escape(label)}</div>'
+            f'<div class="value {cls}">{value}</div></div>')
+
+
+def _kv(items: Iterable[tuple[str, str]]) -> str:
+    rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{v}</dd>" for k, v in items)
+    return f'<dl class="kv">{rows}</dl>'
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
+
+
+def _summary_html(data: Mapping[str, Any]) -> str:
+    s = data.get("summary") or {}
+    gain = _gain(s)
+    gain_cls = "" if gain is None else ("pos" if gain >= 0 else "neg")
+    promoted = s.get("promoted")
+    version = f"v{s['model_version']}" if s.get("model_version") not in (None, "") else "n/a"
+    cards = "".join([
+        _card("transfer accuracy", _e(s.get("transfer_accuracy"))),
+        _card("scratch accuracy", _e(s.get("scratch_accuracy"))),
+        _card("gain over scratch", html.escape(_f(gain, sign=True)), gain_cls),
+        _card("strategy", _e(s.get("strategy"))),
+        _card("labels per class", _e(s.get("labels_per_class"))),
+        _card("model version", html.escape(f"{version}" + ("" if promoted is None else
+                                                           (" (promoted)" if promoted else " (not promoted)")))),
+    ])
+    negative = negative_transfer(s)
+    margin = float(s.get("negative_transfer_margin") or 0.0)
+    if negative:
+        banner = (f'<div class="banner danger" id="negative-transfer-warning" role="alert"><strong>'
+                  f"Negative transfer:</strong> the fine-tuned model scores {_e(s.get('transfer_accuracy'))}, "
+                  f"below the same budget trained from scratch ({_e(s.get('scratch_accuracy'))}; gain "
+                  f"{html.escape(_f(gain, sign=True))} &lt; -{margin:g}). The source features hurt this "
+                  "target: check the transfer-sense checks, try another strategy or drop the source.</div>")
+    elif negative is None:
+        banner = '<div class="banner note">No scratch baseline recorded: the transfer gain is unknown.</div>'
+    else:
+        banner = (f'<div class="banner good">Transfer helped: {html.escape(_f(gain, sign=True))} test accuracy '
+                  "over the same budget trained from scratch.</div>")
+    extra = []
+    if s.get("promotion_reason"):
+        extra.append(("promotion", html.escape(str(s["promotion_reason"]))))
+    versions = s.get("data_version") or {}
+    for name in ("source", "target"):
+        if versions.get(name):
+            extra.append((f"{name} data version", f"<code>{html.escape(str(versions[name]))}</code>"))
+    return banner + f'<div class="cards">{cards}</div>' + (_kv(extra) if extra else "")
+
+
+def _size_text(summary: Mapping[str, Any]) -> str:
+    w, h = summary.get("width"), summary.get("height")
+    if not w or not h:
+        return "n/a"
+    text = f"{w['median']:g}x{h['median']:g}"
+    if (w["min"], h["min"]) != (w["max"], h["max"]):
+        text += f" ({w['min']}x{h['min']} .. {w['max']}x{h['max']})"
+    return text
+
+
+def _data_html(data: Mapping[str, Any]) -> str:
+    datasets = data.get("datasets") or {}
+    if not datasets:
+        return _na("dataset manifests")
+    head = ("<tr><th>dataset</th><th class=num>classes</th><th class=num>train</th><th class=num>val</th>"
+            "<th class=num>test</th><th class=num>unlabelled</th><th class=num>total</th>"
+            "<th class=num>unreadable</th><th>image size (median)</th><th>channels / modes</th></tr>")
+    rows = []
+    for name in ("source", "target"):
+        d = datasets.get(name)
+        if not d:
+            rows.append(f"<tr><td>{name}</td><td colspan=9 class=muted>manifest not available</td></tr>")
+            continue
+        sp = d.get("splits") or {}
+        cells = [len(d.get("classes", [])), sp.get("train", 0), sp.get("val", 0), sp.get("test", 0),
+                 sp.get("unlabelled", 0), d.get("n_images", 0), d.get("n_unreadable", 0)]
+        nums = "".join(f"<td class=num>{c:,}</td>" for c in cells)
+        rows.append(f"<tr><td><strong>{name}</strong></td>{nums}<td>{html.escape(_size_text(d))}</td>"
+                    f"<td>{html.escape(str(d.get('channels')))} / {html.escape(', '.join(d.get('modes', [])))}</td></tr>")
+    body = f"<table>{head}{''.join(rows)}</table>"
+    target = datasets.get("target") or {}
+    if target.get("labelled_budget"):
+        body += (f"<p>Target labelled budget used for training: <strong>{target['labels_per_class']}</strong> "
+                 f"labels per class x {len(target.get('classes', []))} classes = "
+                 f"<strong>{target['labelled_budget']:,}</strong> images (the rest of the train split is not used; "
+                 "the test split is fixed).</p>")
+    for name in ("source", "target"):
+        d = datasets.get(name) or {}
+        per_class = d.get("per_class") or {}
+        if not per_class:
+            continue
+        splits = [s for s in ("train", "val", "test", "unlabelled") if (d.get("splits") or {}).get(s)]
+        header = "".join(f"<th class=num>{s}</th>" for s in splits)
+        shown = list(per_class.items())[:60]
+        lines = "".join(
+            f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td class=num>{n.get(s, 0):,}</td>" for s in splits)
+            + "</tr>" for c, n in shown)
+        more = (f"<p class=muted>... and {len(per_class) - len(shown)} more classes</p>"
+                if len(per_class) > len(shown) else "")
+        body += (f"<details><summary>{name}: images per class and split</summary>"
+                 f"<table><tr><th>class</th>{header}</tr>{lines}</table>{more}</details>")
+    return body
+
+
+def _checks_html(checks: list[dict[str, Any]] | None) -> str:
+    if checks is None:
+        return _na("transfer-sense checks (need both dataset manifests)")
+    rows = "".join(
+        f'<tr><td><span class="badge {html.escape(c.get("level", "pass" if c["passed"] else "fail"))}">'
+        f'{html.escape(c.get("level", "pass" if c["passed"] else "fail").upper())}</span></td>'
+        f'<td><code>{html.escape(c["check"])}</code></td><td>{html.escape(c["detail"])}</td></tr>'
+        for c in checks)
+    failed = [c["check"] for c in checks if c.get("level") == "fail"]
+    verdict = (f'<div class="banner note">Transfer may not pay off here: {html.escape(", ".join(failed))} '
+               "failed.</div>" if failed else "")
+    return (verdict + "<p>Transfer makes sense when source and target share the input kind, the source "
+            "has far more data than the target budget, and low-level source features help.</p>"
+            f"<table><tr><th>result</th><th>check</th><th>detail</th></tr>{rows}</table>")
+
+
+def _curve_html(data: Mapping[str, Any], curve_png: Path | None) -> str:
+    se = data.get("sample_efficiency") or {}
+    curves = _norm_curves(se.get("curves") or {})
+    if not curves:
+        body = _na("sample-efficiency sweep")
+    else:
+        ks = sorted({k for pts in curves.values() for k, _ in pts})
+        header = "".join(f"<th class=num>k={k}</th>" for k in ks)
+        rows = "".join(
+            f"<tr><td>{html.escape(name)}</td>"
+            + "".join(f"<td class=num>{dict(pts).get(k, float('nan')):.3f}</td>" if k in dict(pts)
+                      else "<td class=num>-</td>" for k in ks) + "</tr>"
+            for name, pts in sorted(curves.items(), key=lambda kv: kv[0] != SCRATCH))
+        epochs = se.get("epochs")
+        body = (_img(curve_png, "sample-efficiency curve", "Test accuracy vs labelled images per class: "
+                     "scratch (dashed) and each fine-tuning strategy; stars mark this run.") if curve_png else "")
+        body += (f"<table><tr><th>strategy</th>{header}</tr>{rows}</table>"
+                 f"<p class=muted>Each point trains with this run's params except labels per class"
+                 f"{f' and epochs={epochs} (quick sweep)' if epochs is not None else ''}, "
+                 "and is scored on the fixed target test split.</p>")
+        margin = float((data.get("summary") or {}).get("negative_transfer_margin") or 0.0)
+        worse = negative_points(se.get("curves") or {}, margin)
+        if worse:
+            body += ('<div class="banner note"><strong>Scratch beats transfer at some budgets:</strong><ul>'
+                     + "".join(f"<li>{html.escape(w)}</li>" for w in worse) + "</ul></div>")
+    notes = list(se.get("notes") or [])
+    if notes:
+        body += '<ul class="notes muted">' + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
+    return body
+
+
+def _confusion_html(pngs: Mapping[str, Path]) -> str:
+    if not pngs:
+        return _na("confusion matrices")
+    figs = "".join(_img(path, f"confusion matrix: {name}", f"{name}: rows = true class, "
+                        "colour = fraction of the true class, numbers = counts") for name, path in pngs.items())
+    return f'<div class="figs">{figs}</div>'
+
+
+def _provenance_html(data: Mapping[str, Any]) -> str:
+    src = data.get("source_model") or {}
+    if not src:
+        return _na("source model provenance")
+    init = src.get("initial_weights") or {}
+    init_text = (f"{html.escape(str(init.get('weights', 'n/a')))}"
+                 + (f" (sha256 <code>{html.escape(str(init['sha256']))}</code>)" if init.get("sha256") else "")
+                 if isinstance(init, Mapping) else html.escape(str(init)))
+    items = [
+        ("weights sha256", f"<code>{_e(src.get('weights_sha256'))}</code>"),
+        ("origin", _e(src.get("origin"))),
+        ("reused from an earlier run", _e(src.get("reused"))),
+        ("initial weights", init_text or "n/a"),
+        ("source data version", f"<code>{_e(src.get('source_data_version'))}</code>"),
+        ("source test accuracy", _e(src.get("source_test_accuracy"))),
+        ("architecture", _e(src.get("arch"))),
+        ("pretrain MLflow run", f"<code>{_e(src.get('run_id'))}</code>"),
+        ("model dir", f"<code>{_e(src.get('model_dir'))}</code>"),
+    ]
+    body = _kv(items)
+    recorded, actual = src.get("recorded_weights_sha256"), src.get("weights_sha256")
+    if recorded and actual and recorded != actual:
+        body = (f'<div class="banner danger"><strong>Provenance mismatch:</strong> the run recorded source '
+                f"weights <code>{html.escape(str(recorded))}</code> but the model used here hashes to "
+                f"<code>{html.escape(str(actual))}</code>.</div>") + body
+    origin = str(src.get("origin") or "")
+    if origin and not origin.startswith("pretrained here"):
+        body += ('<div class="banner note">The source weights were not trained by this pipeline: a transferred '
+                 "model inherits its source's flaws (backdoors, spurious features). Audit where "
+                 f"<code>{html.escape(origin)}</code> came from.</div>")
+    return ("<p>A transferred model inherits its source model's flaws, so the source must be traceable.</p>"
+            + body)
+
+
+def _strategy_html(data: Mapping[str, Any]) -> str:
+    s = data.get("summary") or {}
+    if not s.get("strategy"):
+        return _na("fine-tuning strategy")
+    items = [("strategy", f"<strong>{_e(s.get('strategy'))}</strong>"),
+             ("reason", _e(s.get("strategy_reason"))),
+             ("labels per class", _e(s.get("labels_per_class")))]
+    rule = s.get("strategy_rule")
+    if rule:
+        items.append(("auto rule", html.escape(str(rule))))
+    return _kv(items)
+
+
+def _run_line(data: Mapping[str, Any]) -> str:
+    run = data.get("run") or {}
+    parts = []
+    if run.get("run_id"):
+        parts.append(f"MLflow run <code>{html.escape(str(run['run_id']))}</code>")
+    for key in ("run_name", "experiment", "status", "start_time"):
+        if run.get(key):
+            parts.append(f"{key.replace('_', ' ')}: {html.escape(str(run[key]))}")
+    if run.get("git_commit"):
+        parts.append(f"git <code>{html.escape(str(run['git_commit'])[:12])}</code>")
+    return " &middot; ".join(parts)
+
+
+def render_html(data: Mapping[str, Any], curve_png: Path | None, confusion_pngs: Mapping[str, Path],
+                summary_png: Path | None = None) -> str:
+    title = str(data.get("title") or "Transfer report")
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    notes = list(data.get("notes") or [])
+    sections = [
+        _section("summary", "Summary", _summary_html(data)),
+        _section("data-sizes", "Data sizes", _data_html(data)),
+        _section("transfer-checks", "Does transfer make sense?", _checks_html(_checks(data))),
+        _section("sample-efficiency", "Sample efficiency", _curve_html(data, curve_png)),
+        _section("confusion-matrices", "Confusion matrices", _confusion_html(confusion_pngs)),
+        _section("provenance", "Source model provenance", _provenance_html(data)),
+        _section("strategy", "Fine-tuning strategy", _strategy_html(data)),
+    ]
+    if notes:
+        sections.append(_section("report-notes", "Report notes", '<ul class="notes">' + "".join(
+            f"<li>{html.escape(str(n))}</li>" for n in notes) + "</ul>"))
+    if summary_png is not None:
+        sections.append(_section("one-page", "One-page summary", _img(summary_png, "one-page summary")))
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
+        f"<header><h1>{html.escape(title)}</h1><p class=\"sub\">{_run_line(data)}</p></header>\n"
+        + "\n".join(sections)
+        + f"\n<footer>Generated {now} by transfer-pipeline (<code>transfer report</code>).</footer>"
+        "\n</body></html>\n"
+    )
+
+
+# --------------------------------------------------------------------------- one-page PNG
+
+
+def _headline(data: Mapping[str, Any]) -> list[str]:
+    s, src = data.get("summary") or {}, data.get("source_model") or {}
+    gain = _gain(s)
+    lines = [
+        f"transfer {_f(s.get('transfer_accuracy'))}   scratch {_f(s.get('scratch_accuracy'))}   "
+        f"gain {_f(gain, sign=True)}   strategy {_f(s.get('strategy'))}   "
+        f"k = {_f(s.get('labels_per_class'))} labels/class",
+        f"source weights sha256 {str(src.get('weights_sha256') or 'n/a')[:16]}...   origin {_f(src.get('origin'))}   "
+        f"source test accuracy {_f(src.get('source_test_accuracy'))}",
+    ]
+    checks = _checks(data)
+    if checks:
+        lines.append("checks: " + "   ".join(f"{c['check']} {c.get('level', '').upper()}" for c in checks))
+    return lines
+
+
+def plot_report_page(data: Mapping[str, Any], path: str | Path) -> Path:
+    """One page: headline numbers on top, curve + transfer + scratch confusion matrices below."""
+    fig = _figure(16, 7.2)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.0, 4.2])
+    title = str(data.get("title") or "Transfer report")
+    run_id = (data.get("run") or {}).get("run_id")
+    top.suptitle(title + (f"  (run {run_id})" if run_id else ""), fontsize=14, fontweight="bold")
+    negative = negative_transfer(data.get("summary") or {})
+    lines = _headline(data)
+    for i, line in enumerate(lines):
+        top.text(0.01, 0.62 - i * 0.24, line, fontsize=10, family="monospace", va="center")
+    if negative:
+        top.text(0.99, 0.62, "NEGATIVE TRANSFER", fontsize=13, color="white", ha="right", va="center",
+                 fontweight="bold", bbox={"facecolor": "#cf222e", "edgecolor": "none", "pad": 4})
+    axes = bottom.subplots(1, 3, width_ratios=[1.25, 1, 1])
+    se = data.get("sample_efficiency") or {}
+    _draw_curves(axes[0], se.get("curves") or {}, _run_point(data))
+    axes[0].set_title("sample efficiency")
+    confusion = data.get("confusion") or {}
+    for ax, name in zip(axes[1:], ("transfer", "scratch")):
+        block = confusion.get(name)
+        if block and block.get("matrix"):
+            classes = block.get("classes") or [str(i) for i in range(len(block["matrix"]))]
+            _draw_confusion(ax, bottom, block["matrix"], classes, _confusion_title(name, block))
+        else:
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"{name}: no confusion matrix", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _jsonable(data: Any) -> Any:
+    return json.loads(json.dumps(data, default=str))
+
+
+def build_report(data: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write report.html (self-contained), report.png and the plots/JSON behind them.
+
+    Returns ``{"html", "png", "json", "curve"?, "confusion_transfer"?, "confusion_scratch"?}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    se = data.get("sample_efficiency") or {}
+    if _norm_curves(se.get("curves") or {}):
+        paths["curve"] = plot_sample_efficiency(se["curves"], out / "sample_efficiency.png",
+                                                run_point=_run_point(data))
+    confusion_pngs: dict[str, Path] = {}
+    for name in ("transfer", "scratch"):
+        block = (data.get("confusion") or {}).get(name)
+        if block and block.get("matrix"):
+            confusion_pngs[name] = paths[f"confusion_{name}"] = plot_confusion(
+                block, name, out / f"confusion_{name}.png")
+    paths["png"] = plot_report_page(data, out / "report.png")
+    full = dict(data)
+    full.setdefault("checks", _checks(data))
+    html_text = render_html(full, paths.get("curve"), confusion_pngs)
+    paths["html"] = out / "report.html"
+    paths["html"].write_text(html_text, encoding="utf-8")
+    paths["json"] = out / "report.json"
+    paths["json"].write_text(json.dumps(_jsonable(full), indent=2))
+    return paths
