@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import sys
 import tempfile
 import threading
@@ -295,7 +294,8 @@ def render(results: list[Result], source: str, startup: float, args: argparse.Na
         "# Serving load: MLflow scoring server vs in-process PyTorch",
         "",
         f"Model: {source}. Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), CPU only, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} CPU thread(s) in server and baselines), "
+        "CPU only, "
         f"Python {platform.python_version()}.",
         f"Server: `mlflow models serve --env-manager local`, 1 uvicorn worker, on 127.0.0.1; "
         f"started (registry download + model load) in {startup:.1f} s.",
@@ -307,7 +307,10 @@ def render(results: list[Result], source: str, startup: float, args: argparse.Na
         "|---|---|---|---|---|---|---|---|",
         *[r.row() for r in results],
         "",
-        "Client and server share the same cores, so the HTTP rows include the client's JSON work.",
+        "HTTP latencies include queueing (4 clients, one server worker); the in-process rows are "
+        "one call at a time. Client and server share the same cores, so the HTTP rows also pay "
+        "for the client's JSON work. The gap between the two in-process rows is image decoding "
+        "and preprocessing; the gap to the HTTP rows is HTTP + JSON + pandas + the pyfunc.",
         "",
     ]
     return "\n".join(lines)

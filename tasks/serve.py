@@ -140,8 +140,7 @@ def stop_server(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """SIGTERM the whole group (mlflow CLI + uvicorn), SIGKILL what is left after ``timeout``."""
     _signal_group(proc, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _group_alive(proc.pid):
-        proc.poll()
+    while time.monotonic() < deadline and (proc.poll() is None or _group_alive(proc.pid)):
         time.sleep(0.1)
     if _group_alive(proc.pid):
         _signal_group(proc, signal.SIGKILL)
@@ -159,11 +158,17 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Any process left in the group? Reaps the group's exited children first: zombies count
+    as members, and as PID 1 of a container this process inherits the orphaned uvicorn."""
+    try:
+        while os.waitpid(-pgid, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    # a zombie leader still counts; reap it if it is ours
     return True
 
 
@@ -198,7 +203,10 @@ def serve(
     env = serve_env(uri, params.serve.max_batch, params.serve.max_image_bytes)
     proc = start_server(target, host, port, env=env)
 
+    stopped: list[int] = []
+
     def forward(signum: int, frame: FrameType | None) -> None:
+        stopped.append(signum)
         _signal_group(proc, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
@@ -207,7 +215,7 @@ def serve(
         deadline = time.monotonic() + 10
         while _group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)  # let uvicorn finish its graceful shutdown
-        return code
+        return 0 if stopped else code  # asked to stop (docker stop, Ctrl-C): a clean exit
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -114,6 +114,9 @@ class FinetuneParams(OptimParams):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     scratch_baseline: bool = True  # also train the same budget from random init
+    # head strategy: train the head on body features computed once per dataset version
+    # (no augmentation on that path: cached features are of the unshifted images)
+    feature_cache: bool = True
 
 
 class EvaluateParams(_Section):

@@ -439,11 +439,22 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
+def _empty_model(meta: dict[str, Any]) -> nn.Module:
+    """The untrained architecture a saved state dict loads into."""
+    num_classes, in_channels = int(meta["num_classes"]), int(meta["in_channels"])
+    if meta.get("technique") == "progressive":
+        from transfer.techniques.progressive import ProgressiveNet  # techniques build on models
+
+        size = int(meta["image_size"])
+        return ProgressiveNet.empty(meta["arch"], int(meta["num_source_classes"]), num_classes, (in_channels, size, size))
+    return create_model(meta["arch"], num_classes, in_channels)
+
+
 def load_model_dir(directory: str | Path) -> tuple[TransferNet, dict[str, Any]]:
     """Rebuild the model from ``model.json`` and load ``model.pt`` (weights_only); eval mode."""
     directory = Path(directory)
     meta = _read_meta(directory)
-    model = create_model(meta["arch"], int(meta["num_classes"]), int(meta["in_channels"]))
+    model = _empty_model(meta)
     state = _read_state_dict(directory / MODEL_FILE)
     expected = meta.get("weights_sha256")
     if expected and weights_sha256(state) != expected:

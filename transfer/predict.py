@@ -23,13 +23,13 @@ import binascii
 import io
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from transfer.data import to_float
 from transfer.data.images import to_array
@@ -119,6 +119,11 @@ def decode_image(
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise InputError(f"{_row(index)}: image too large (decompression bomb guard)") from None
+    except UnidentifiedImageError:
+        raise InputError(
+            f"{_row(index)}: cannot decode image ({len(raw)} bytes): not an image file "
+            f"({', '.join(sorted(IMAGE_FORMATS))})"
+        ) from None
     except Exception as error:  # PIL raises UnidentifiedImageError, OSError, ValueError, SyntaxError...
         detail = str(error).split("\n")[0][:200]
         raise InputError(

@@ -37,7 +37,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, get_args
 
@@ -110,16 +110,23 @@ def _range(values: Sequence[int]) -> dict[str, float] | None:
 
 
 def _check(name: str, passed: bool, detail: str, level: str | None = None) -> dict[str, Any]:
-    return {"check": name, "passed": bool(passed), "detail": detail,
-            "level": level or ("pass" if passed else "fail")}
+    return {
+        "check": name,
+        "passed": bool(passed),
+        "detail": detail,
+        "level": level or ("pass" if passed else "fail"),
+    }
 
 
 def _family(channels: Iterable[int]) -> set[str]:
     return {GREY if c in (1, 2) else COLOUR for c in channels}
 
 
-def _labelled(summary: Mapping[str, Any]) -> int:
+def _source_train(summary: Mapping[str, Any]) -> int:
+    """Labelled images pretraining learns from: the train split (all labelled when unsplit)."""
     splits = summary.get("splits") or {}
+    if splits.get("train"):
+        return int(splits["train"])
     return sum(n for split, n in splits.items() if split != "unlabelled")
 
 
@@ -131,7 +138,8 @@ def _target_budget(summary: Mapping[str, Any]) -> int:
 
 
 def transfer_sense_checks(
-    source_summary: Mapping[str, Any], target_summary: Mapping[str, Any],
+    source_summary: Mapping[str, Any],
+    target_summary: Mapping[str, Any],
     min_ratio: float = MIN_SOURCE_RATIO,
 ) -> list[dict[str, Any]]:
     """Does transfer make sense? Same input kind, far more source data, class overlap.
@@ -141,43 +149,78 @@ def transfer_sense_checks(
     """
     s_kind, t_kind = source_summary.get("kind"), target_summary.get("kind")
     checks = [
-        _check("same_input_kind", s_kind == t_kind == "images",
-               f"source: {s_kind}, target: {t_kind}"
-               + (" (images -> images: low-level features can transfer)"
-                  if s_kind == t_kind == "images" else " (transfer needs the same input kind)")),
+        _check(
+            "same_input_kind",
+            s_kind == t_kind == "images",
+            f"source: {s_kind}, target: {t_kind}"
+            + (
+                " (images -> images: low-level features can transfer)"
+                if s_kind == t_kind == "images"
+                else " (transfer needs the same input kind)"
+            ),
+        ),
     ]
-    s_fam, t_fam = _family(source_summary.get("channels", ())), _family(target_summary.get("channels", ()))
-    detail = (f"source channels {source_summary.get('channels')} ({'/'.join(sorted(s_fam)) or '?'}), "
-              f"target channels {target_summary.get('channels')} ({'/'.join(sorted(t_fam)) or '?'})")
+    s_fam, t_fam = (
+        _family(source_summary.get("channels", ())),
+        _family(target_summary.get("channels", ())),
+    )
+    detail = (
+        f"source channels {source_summary.get('channels')} ({'/'.join(sorted(s_fam)) or '?'}), "
+        f"target channels {target_summary.get('channels')} ({'/'.join(sorted(t_fam)) or '?'})"
+    )
     same = bool(s_fam) and s_fam == t_fam
-    checks.append(_check(
-        "compatible_channels", same,
-        detail + ("" if same else "; both are converted to data.channels, but colour features "
-                  "transfer less well to grey images and vice versa"),
-        None if same else "warn"))
+    checks.append(
+        _check(
+            "compatible_channels",
+            same,
+            detail
+            + (
+                ""
+                if same
+                else "; both are converted to data.channels, but colour features "
+                "transfer less well to grey images and vice versa"
+            ),
+            None if same else "warn",
+        )
+    )
     s_side, t_side = source_summary.get("median_side"), target_summary.get("median_side")
     if s_side and t_side:
         ratio = max(s_side, t_side) / min(s_side, t_side)
         ok = ratio <= MAX_SIZE_RATIO
-        checks.append(_check(
-            "compatible_image_sizes", ok,
-            f"median side {s_side:.0f}px (source) vs {t_side:.0f}px (target), ratio {ratio:.1f}x "
-            f"(limit {MAX_SIZE_RATIO:.0f}x)" + ("" if ok else ": resizing this much changes the "
-                                               "scale of the edges and blobs the early layers learned"),
-            None if ok else "warn"))
+        checks.append(
+            _check(
+                "compatible_image_sizes",
+                ok,
+                f"median side {s_side:.0f}px (source) vs {t_side:.0f}px (target), ratio {ratio:.1f}x "
+                f"(limit {MAX_SIZE_RATIO:.0f}x)"
+                + (
+                    ""
+                    if ok
+                    else ": resizing this much changes the "
+                    "scale of the edges and blobs the early layers learned"
+                ),
+                None if ok else "warn",
+            )
+        )
     else:
         checks.append(_check("compatible_image_sizes", False, "image sizes unknown", "warn"))
-    n_source, budget = _labelled(source_summary), _target_budget(target_summary)
+    n_source, budget = _source_train(source_summary), _target_budget(target_summary)
     if budget > 0:
         ratio = n_source / budget
         ok = ratio >= min_ratio
-        checks.append(_check(
-            "source_much_larger", ok,
-            f"{n_source:,} labelled source images vs a target budget of {budget:,} labelled images: "
-            f"{ratio:,.1f}x (threshold {min_ratio:g}x)"
-            + ("" if ok else ": the source is not much larger, so pretraining may add little")))
+        checks.append(
+            _check(
+                "source_much_larger",
+                ok,
+                f"{n_source:,} source training images vs a target budget of {budget:,} labelled images: "
+                f"{ratio:,.1f}x (threshold {min_ratio:g}x)"
+                + ("" if ok else ": the source is not much larger, so pretraining may add little"),
+            )
+        )
     else:
-        checks.append(_check("source_much_larger", False, "the target has no labelled training images"))
+        checks.append(
+            _check("source_much_larger", False, "the target has no labelled training images")
+        )
     s_cls, t_cls = set(source_summary.get("classes", ())), set(target_summary.get("classes", ()))
     shared = sorted(s_cls & t_cls)
     if shared == sorted(t_cls) and t_cls:
@@ -186,10 +229,15 @@ def transfer_sense_checks(
         note = f"shared: {', '.join(shared[:10])}{' ...' if len(shared) > 10 else ''}"
     else:
         note = "no shared class names: only the body transfers"
-    checks.append(_check(
-        "class_overlap", True,
-        f"{len(shared)} of {len(t_cls)} target classes appear among the {len(s_cls)} source classes "
-        f"({note}; the output layer is re-initialised either way)", "info"))
+    checks.append(
+        _check(
+            "class_overlap",
+            True,
+            f"{len(shared)} of {len(t_cls)} target classes appear among the {len(s_cls)} source classes "
+            f"({note}; the output layer is re-initialised either way)",
+            "info",
+        )
+    )
     return checks
 
 
@@ -215,7 +263,9 @@ def _test_accuracy(model_dir: Path, test: Any, device: Any) -> float:
 
     model, meta = load_model_dir(model_dir)
     if list(meta.get("classes", test.classes)) != list(test.classes):
-        raise TransferError(f"{model_dir} knows classes {meta.get('classes')}, the test split {test.classes}")
+        raise TransferError(
+            f"{model_dir} knows classes {meta.get('classes')}, the test split {test.classes}"
+        )
     probs = predict_proba(model, test, device)
     return float((probs.argmax(dim=1) == test.labels).float().mean())
 
@@ -272,10 +322,15 @@ def sample_efficiency(
     for k in ks:
         if k > smallest:
             tight = min(counts, key=counts.get) if counts else "?"
-            curves.notes.append(f"k={k} skipped: class '{tight}' holds only {smallest} training images")
+            curves.notes.append(
+                f"k={k} skipped: class '{tight}' holds only {smallest} training images"
+            )
     base = {
-        "target": dataset_version(target_dir), "arch": params.pretrain.arch, "size": size,
-        "channels": channels, "seed": params.runtime.seed,
+        "target": dataset_version(target_dir),
+        "arch": params.pretrain.arch,
+        "size": size,
+        "channels": channels,
+        "seed": params.runtime.seed,
     }
     for name in names:
         for k in usable:
@@ -287,24 +342,53 @@ def sample_efficiency(
             key = _key(base, name, p.finetune.model_dump(mode="json"), source_sha)
             point_dir = Path(work_dir) / f"{name}-k{k}-{key}"
             try:
-                accuracy, seconds, cached = _point(stages, p, name, source_model_dir, point_dir, test,
-                                                   device, progress, keep_models)
+                accuracy, seconds, cached = _point(
+                    stages,
+                    p,
+                    name,
+                    source_model_dir,
+                    point_dir,
+                    test,
+                    device,
+                    progress,
+                    keep_models,
+                )
             except TransferError as error:
                 curves.notes.append(f"{name} skipped from k={k} on: {error}")
                 break
             curves.setdefault(name, {})[k] = accuracy
-            curves.points.append({"strategy": name, "k": k, "accuracy": accuracy,
-                                  "seconds": seconds, "cached": cached})
-            log.info("sample efficiency: %s k=%d -> %.4f (%.1fs%s)", name, k, accuracy, seconds,
-                     ", cached" if cached else "")
+            curves.points.append(
+                {
+                    "strategy": name,
+                    "k": k,
+                    "accuracy": accuracy,
+                    "seconds": seconds,
+                    "cached": cached,
+                }
+            )
+            log.info(
+                "sample efficiency: %s k=%d -> %.4f (%.1fs%s)",
+                name,
+                k,
+                accuracy,
+                seconds,
+                ", cached" if cached else "",
+            )
             if on_point is not None:
                 on_point(name, k, accuracy)
     return curves
 
 
 def _point(
-    stages: Any, params: Params, name: str, source_model_dir: str | Path, point_dir: Path,
-    test: Any, device: Any, progress: bool, keep_models: bool,
+    stages: Any,
+    params: Params,
+    name: str,
+    source_model_dir: str | Path,
+    point_dir: Path,
+    test: Any,
+    device: Any,
+    progress: bool,
+    keep_models: bool,
 ) -> tuple[float, float, bool]:
     result_file = point_dir / "result.json"
     if result_file.exists():
@@ -315,15 +399,25 @@ def _point(
         trained = stages.train_scratch(params, point_dir, progress=progress)
     else:
         strategy = None if name == "auto" else name
-        trained = stages.finetune(params, source_model_dir, point_dir, strategy=strategy, progress=progress)
+        trained = stages.finetune(
+            params, source_model_dir, point_dir, strategy=strategy, progress=progress
+        )
     accuracy = _test_accuracy(Path(trained.model_dir), test, device)
     seconds = time.perf_counter() - started
     result_file.parent.mkdir(parents=True, exist_ok=True)
-    result_file.write_text(json.dumps({
-        "strategy": name, "resolved_strategy": trained.strategy,
-        "k": params.finetune.labels_per_class, "epochs": params.finetune.epochs,
-        "accuracy": accuracy, "seconds": seconds,
-    }, indent=2))
+    result_file.write_text(
+        json.dumps(
+            {
+                "strategy": name,
+                "resolved_strategy": trained.strategy,
+                "k": params.finetune.labels_per_class,
+                "epochs": params.finetune.epochs,
+                "accuracy": accuracy,
+                "seconds": seconds,
+            },
+            indent=2,
+        )
+    )
     if not keep_models:
         for sub in ("model", "checkpoints"):
             shutil.rmtree(point_dir / sub, ignore_errors=True)
@@ -339,7 +433,9 @@ def negative_points(curves: Mapping[str, Mapping[Any, float]], margin: float = 0
             continue
         for k, acc in sorted((int(k), v) for k, v in curve.items()):
             if k in scratch and acc < scratch[k] - margin:
-                out.append(f"k={k}: {name} {acc:.3f} < scratch {scratch[k]:.3f} ({acc - scratch[k]:+.3f})")
+                out.append(
+                    f"k={k}: {name} {acc:.3f} < scratch {scratch[k]:.3f} ({acc - scratch[k]:+.3f})"
+                )
     return out
 
 
@@ -353,37 +449,75 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _norm_curves(curves: Mapping[str, Mapping[Any, float]]) -> dict[str, list[tuple[int, float]]]:
-    return {name: sorted((int(k), float(v)) for k, v in curve.items())
-            for name, curve in curves.items() if curve}
+    return {
+        name: sorted((int(k), float(v)) for k, v in curve.items())
+        for name, curve in curves.items()
+        if curve
+    }
 
 
-def _draw_curves(ax: Any, curves: Mapping[str, Mapping[Any, float]],
-                 run_point: Mapping[str, Any] | None = None) -> None:
+def _draw_curves(
+    ax: Any, curves: Mapping[str, Mapping[Any, float]], run_point: Mapping[str, Any] | None = None
+) -> None:
     norm = _norm_curves(curves)
     ks = sorted({k for points in norm.values() for k, _ in points})
-    colours = iter(["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
-                    "tab:olive", "tab:cyan", "tab:red"])
+    colours = iter(
+        [
+            "tab:blue",
+            "tab:orange",
+            "tab:green",
+            "tab:purple",
+            "tab:brown",
+            "tab:pink",
+            "tab:olive",
+            "tab:cyan",
+            "tab:red",
+        ]
+    )
     ordered = [n for n in norm if n == SCRATCH] + [n for n in norm if n != SCRATCH]
     for name in ordered:
-        xs, ys = zip(*norm[name])
+        xs, ys = zip(*norm[name], strict=True)
         if name == SCRATCH:
-            ax.plot(xs, ys, linestyle="--", marker="s", color="tab:gray", label="scratch (baseline)")
+            ax.plot(
+                xs, ys, linestyle="--", marker="s", color="tab:gray", label="scratch (baseline)"
+            )
         else:
             ax.plot(xs, ys, linestyle="-", marker="o", color=next(colours, None), label=name)
-        for x, y in zip(xs, ys):
-            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 5),
-                        ha="center", fontsize=7)
+        for x, y in zip(xs, ys, strict=True):
+            ax.annotate(
+                f"{y:.2f}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(0, 5),
+                ha="center",
+                fontsize=7,
+            )
     if run_point and run_point.get("k"):
         k = int(run_point["k"])
-        for key, label, colour in (("transfer_accuracy", f"this run: {run_point.get('strategy', 'transfer')}",
-                                    "black"), ("scratch_accuracy", "this run: scratch", "tab:gray")):
+        for key, label, colour in (
+            ("transfer_accuracy", f"this run: {run_point.get('strategy', 'transfer')}", "black"),
+            ("scratch_accuracy", "this run: scratch", "tab:gray"),
+        ):
             if run_point.get(key) is not None:
-                ax.plot([k], [float(run_point[key])], marker="*", markersize=13, linestyle="none",
-                        color=colour, label=label)
+                ax.plot(
+                    [k],
+                    [float(run_point[key])],
+                    marker="*",
+                    markersize=13,
+                    linestyle="none",
+                    color=colour,
+                    label=label,
+                )
                 ks = sorted(set(ks) | {k})
     if not ks:
-        ax.text(0.5, 0.5, "no sample-efficiency points", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no sample-efficiency points",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
         return
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
@@ -398,7 +532,8 @@ def _draw_curves(ax: Any, curves: Mapping[str, Mapping[Any, float]],
 
 
 def plot_sample_efficiency(
-    curves: Mapping[str, Mapping[Any, float]], path: str | Path,
+    curves: Mapping[str, Mapping[Any, float]],
+    path: str | Path,
     title: str = "Sample efficiency: accuracy vs labels per class",
     run_point: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -417,23 +552,33 @@ def _save(fig: Any, path: str | Path) -> Path:
     return path
 
 
-def _draw_confusion(ax: Any, fig: Any, matrix: Sequence[Sequence[int]], classes: Sequence[str],
-                    title: str) -> None:
+def _draw_confusion(
+    ax: Any, fig: Any, matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str
+) -> None:
     cm = np.asarray(matrix, dtype=np.int64)
     support = cm.sum(axis=1, keepdims=True)
     rates = np.divide(cm, support, out=np.zeros(cm.shape), where=support > 0)
     image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of true class")
     ticks = range(len(classes))
-    ax.set_xticks(ticks, [str(c) for c in classes], rotation=45 if len(classes) > 10 else 0, fontsize=8)
+    ax.set_xticks(
+        ticks, [str(c) for c in classes], rotation=45 if len(classes) > 10 else 0, fontsize=8
+    )
     ax.set_yticks(ticks, [str(c) for c in classes], fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
     if len(classes) <= 20:
         for (i, j), count in np.ndenumerate(cm):
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                    color="white" if rates[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if rates[i, j] > 0.5 else "black",
+            )
 
 
 def _confusion_title(name: str, block: Mapping[str, Any]) -> str:
@@ -442,7 +587,10 @@ def _confusion_title(name: str, block: Mapping[str, Any]) -> str:
 
 
 def plot_confusion(block: Mapping[str, Any], name: str, path: str | Path) -> Path:
-    matrix, classes = block["matrix"], block.get("classes") or [str(i) for i in range(len(block["matrix"]))]
+    matrix, classes = (
+        block["matrix"],
+        block.get("classes") or [str(i) for i in range(len(block["matrix"]))],
+    )
     size = 1.5 + 0.45 * len(classes)
     fig = _figure(size + 1.2, size)
     _draw_confusion(fig.subplots(), fig, matrix, classes, _confusion_title(name, block))
@@ -484,9 +632,12 @@ def _run_point(data: Mapping[str, Any]) -> dict[str, Any] | None:
     summary = data.get("summary") or {}
     if not summary.get("labels_per_class"):
         return None
-    return {"k": summary["labels_per_class"], "strategy": summary.get("strategy"),
-            "transfer_accuracy": summary.get("transfer_accuracy"),
-            "scratch_accuracy": summary.get("scratch_accuracy")}
+    return {
+        "k": summary["labels_per_class"],
+        "strategy": summary.get("strategy"),
+        "transfer_accuracy": summary.get("transfer_accuracy"),
+        "scratch_accuracy": summary.get("scratch_accuracy"),
+    }
 
 
 def _checks(data: Mapping[str, Any]) -> list[dict[str, Any]] | None:
@@ -556,8 +707,10 @@ def _na(what: str) -> str:
 
 
 def _card(label: str, value: str, cls: str = "") -> str:
-    return (f'<div class="card"><div class="label">{html.escape(label)}</div>'
-            f'<div class="value {cls}">{value}</div></div>')
+    return (
+        f'<div class="card"><div class="label">{html.escape(label)}</div>'
+        f'<div class="value {cls}">{value}</div></div>'
+    )
 
 
 def _kv(items: Iterable[tuple[str, str]]) -> str:
@@ -575,35 +728,52 @@ def _summary_html(data: Mapping[str, Any]) -> str:
     gain_cls = "" if gain is None else ("pos" if gain >= 0 else "neg")
     promoted = s.get("promoted")
     version = f"v{s['model_version']}" if s.get("model_version") not in (None, "") else "n/a"
-    cards = "".join([
-        _card("transfer accuracy", _e(s.get("transfer_accuracy"))),
-        _card("scratch accuracy", _e(s.get("scratch_accuracy"))),
-        _card("gain over scratch", html.escape(_f(gain, sign=True)), gain_cls),
-        _card("strategy", _e(s.get("strategy"))),
-        _card("labels per class", _e(s.get("labels_per_class"))),
-        _card("model version", html.escape(f"{version}" + ("" if promoted is None else
-                                                           (" (promoted)" if promoted else " (not promoted)")))),
-    ])
+    cards = "".join(
+        [
+            _card("transfer accuracy", _e(s.get("transfer_accuracy"))),
+            _card("scratch accuracy", _e(s.get("scratch_accuracy"))),
+            _card("gain over scratch", html.escape(_f(gain, sign=True)), gain_cls),
+            _card("strategy", _e(s.get("strategy"))),
+            _card("labels per class", _e(s.get("labels_per_class"))),
+            _card(
+                "model version",
+                html.escape(
+                    f"{version}"
+                    + (
+                        ""
+                        if promoted is None
+                        else (" (promoted)" if promoted else " (not promoted)")
+                    )
+                ),
+            ),
+        ]
+    )
     negative = negative_transfer(s)
     margin = float(s.get("negative_transfer_margin") or 0.0)
     if negative:
-        banner = (f'<div class="banner danger" id="negative-transfer-warning" role="alert"><strong>'
-                  f"Negative transfer:</strong> the fine-tuned model scores {_e(s.get('transfer_accuracy'))}, "
-                  f"below the same budget trained from scratch ({_e(s.get('scratch_accuracy'))}; gain "
-                  f"{html.escape(_f(gain, sign=True))} &lt; -{margin:g}). The source features hurt this "
-                  "target: check the transfer-sense checks, try another strategy or drop the source.</div>")
+        banner = (
+            f'<div class="banner danger" id="negative-transfer-warning" role="alert"><strong>'
+            f"Negative transfer:</strong> the fine-tuned model scores {_e(s.get('transfer_accuracy'))}, "
+            f"below the same budget trained from scratch ({_e(s.get('scratch_accuracy'))}; gain "
+            f"{html.escape(_f(gain, sign=True))}, negative-transfer margin {margin:g}). The source features hurt this "
+            "target: check the transfer-sense checks, try another strategy or drop the source.</div>"
+        )
     elif negative is None:
         banner = '<div class="banner note">No scratch baseline recorded: the transfer gain is unknown.</div>'
     else:
-        banner = (f'<div class="banner good">Transfer helped: {html.escape(_f(gain, sign=True))} test accuracy '
-                  "over the same budget trained from scratch.</div>")
+        banner = (
+            f'<div class="banner good">Transfer helped: {html.escape(_f(gain, sign=True))} test accuracy '
+            "over the same budget trained from scratch.</div>"
+        )
     extra = []
     if s.get("promotion_reason"):
         extra.append(("promotion", html.escape(str(s["promotion_reason"]))))
     versions = s.get("data_version") or {}
     for name in ("source", "target"):
         if versions.get(name):
-            extra.append((f"{name} data version", f"<code>{html.escape(str(versions[name]))}</code>"))
+            extra.append(
+                (f"{name} data version", f"<code>{html.escape(str(versions[name]))}</code>")
+            )
     return banner + f'<div class="cards">{cards}</div>' + (_kv(extra) if extra else "")
 
 
@@ -621,43 +791,68 @@ def _data_html(data: Mapping[str, Any]) -> str:
     datasets = data.get("datasets") or {}
     if not datasets:
         return _na("dataset manifests")
-    head = ("<tr><th>dataset</th><th class=num>classes</th><th class=num>train</th><th class=num>val</th>"
-            "<th class=num>test</th><th class=num>unlabelled</th><th class=num>total</th>"
-            "<th class=num>unreadable</th><th>image size (median)</th><th>channels / modes</th></tr>")
+    head = (
+        "<tr><th>dataset</th><th class=num>classes</th><th class=num>train</th><th class=num>val</th>"
+        "<th class=num>test</th><th class=num>unlabelled</th><th class=num>total</th>"
+        "<th class=num>unreadable</th><th>image size (median)</th><th>channels / modes</th></tr>"
+    )
     rows = []
     for name in ("source", "target"):
         d = datasets.get(name)
         if not d:
-            rows.append(f"<tr><td>{name}</td><td colspan=9 class=muted>manifest not available</td></tr>")
+            rows.append(
+                f"<tr><td>{name}</td><td colspan=9 class=muted>manifest not available</td></tr>"
+            )
             continue
         sp = d.get("splits") or {}
-        cells = [len(d.get("classes", [])), sp.get("train", 0), sp.get("val", 0), sp.get("test", 0),
-                 sp.get("unlabelled", 0), d.get("n_images", 0), d.get("n_unreadable", 0)]
+        cells = [
+            len(d.get("classes", [])),
+            sp.get("train", 0),
+            sp.get("val", 0),
+            sp.get("test", 0),
+            sp.get("unlabelled", 0),
+            d.get("n_images", 0),
+            d.get("n_unreadable", 0),
+        ]
         nums = "".join(f"<td class=num>{c:,}</td>" for c in cells)
-        rows.append(f"<tr><td><strong>{name}</strong></td>{nums}<td>{html.escape(_size_text(d))}</td>"
-                    f"<td>{html.escape(str(d.get('channels')))} / {html.escape(', '.join(d.get('modes', [])))}</td></tr>")
+        rows.append(
+            f"<tr><td><strong>{name}</strong></td>{nums}<td>{html.escape(_size_text(d))}</td>"
+            f"<td>{html.escape(str(d.get('channels')))} / {html.escape(', '.join(d.get('modes', [])))}</td></tr>"
+        )
     body = f"<table>{head}{''.join(rows)}</table>"
     target = datasets.get("target") or {}
     if target.get("labelled_budget"):
-        body += (f"<p>Target labelled budget used for training: <strong>{target['labels_per_class']}</strong> "
-                 f"labels per class x {len(target.get('classes', []))} classes = "
-                 f"<strong>{target['labelled_budget']:,}</strong> images (the rest of the train split is not used; "
-                 "the test split is fixed).</p>")
+        body += (
+            f"<p>Target labelled budget used for training: <strong>{target['labels_per_class']}</strong> "
+            f"labels per class x {len(target.get('classes', []))} classes = "
+            f"<strong>{target['labelled_budget']:,}</strong> images (the rest of the train split is not used; "
+            "the test split is fixed).</p>"
+        )
     for name in ("source", "target"):
         d = datasets.get(name) or {}
         per_class = d.get("per_class") or {}
         if not per_class:
             continue
-        splits = [s for s in ("train", "val", "test", "unlabelled") if (d.get("splits") or {}).get(s)]
+        splits = [
+            s for s in ("train", "val", "test", "unlabelled") if (d.get("splits") or {}).get(s)
+        ]
         header = "".join(f"<th class=num>{s}</th>" for s in splits)
         shown = list(per_class.items())[:60]
         lines = "".join(
-            f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td class=num>{n.get(s, 0):,}</td>" for s in splits)
-            + "</tr>" for c, n in shown)
-        more = (f"<p class=muted>... and {len(per_class) - len(shown)} more classes</p>"
-                if len(per_class) > len(shown) else "")
-        body += (f"<details><summary>{name}: images per class and split</summary>"
-                 f"<table><tr><th>class</th>{header}</tr>{lines}</table>{more}</details>")
+            f"<tr><td>{html.escape(c)}</td>"
+            + "".join(f"<td class=num>{n.get(s, 0):,}</td>" for s in splits)
+            + "</tr>"
+            for c, n in shown
+        )
+        more = (
+            f"<p class=muted>... and {len(per_class) - len(shown)} more classes</p>"
+            if len(per_class) > len(shown)
+            else ""
+        )
+        body += (
+            f"<details><summary>{name}: images per class and split</summary>"
+            f"<table><tr><th>class</th>{header}</tr>{lines}</table>{more}</details>"
+        )
     return body
 
 
@@ -666,15 +861,22 @@ def _checks_html(checks: list[dict[str, Any]] | None) -> str:
         return _na("transfer-sense checks (need both dataset manifests)")
     rows = "".join(
         f'<tr><td><span class="badge {html.escape(c.get("level", "pass" if c["passed"] else "fail"))}">'
-        f'{html.escape(c.get("level", "pass" if c["passed"] else "fail").upper())}</span></td>'
-        f'<td><code>{html.escape(c["check"])}</code></td><td>{html.escape(c["detail"])}</td></tr>'
-        for c in checks)
+        f"{html.escape(c.get('level', 'pass' if c['passed'] else 'fail').upper())}</span></td>"
+        f"<td><code>{html.escape(c['check'])}</code></td><td>{html.escape(c['detail'])}</td></tr>"
+        for c in checks
+    )
     failed = [c["check"] for c in checks if c.get("level") == "fail"]
-    verdict = (f'<div class="banner note">Transfer may not pay off here: {html.escape(", ".join(failed))} '
-               "failed.</div>" if failed else "")
-    return (verdict + "<p>Transfer makes sense when source and target share the input kind, the source "
-            "has far more data than the target budget, and low-level source features help.</p>"
-            f"<table><tr><th>result</th><th>check</th><th>detail</th></tr>{rows}</table>")
+    verdict = (
+        f'<div class="banner note">Transfer may not pay off here: {html.escape(", ".join(failed))} '
+        "failed.</div>"
+        if failed
+        else ""
+    )
+    return (
+        verdict + "<p>Transfer makes sense when source and target share the input kind, the source "
+        "has far more data than the target budget, and low-level source features help.</p>"
+        f"<table><tr><th>result</th><th>check</th><th>detail</th></tr>{rows}</table>"
+    )
 
 
 def _curve_html(data: Mapping[str, Any], curve_png: Path | None) -> str:
@@ -687,32 +889,61 @@ def _curve_html(data: Mapping[str, Any], curve_png: Path | None) -> str:
         header = "".join(f"<th class=num>k={k}</th>" for k in ks)
         rows = "".join(
             f"<tr><td>{html.escape(name)}</td>"
-            + "".join(f"<td class=num>{dict(pts).get(k, float('nan')):.3f}</td>" if k in dict(pts)
-                      else "<td class=num>-</td>" for k in ks) + "</tr>"
-            for name, pts in sorted(curves.items(), key=lambda kv: kv[0] != SCRATCH))
+            + "".join(
+                f"<td class=num>{dict(pts).get(k, float('nan')):.3f}</td>"
+                if k in dict(pts)
+                else "<td class=num>-</td>"
+                for k in ks
+            )
+            + "</tr>"
+            for name, pts in sorted(curves.items(), key=lambda kv: kv[0] != SCRATCH)
+        )
         epochs = se.get("epochs")
-        body = (_img(curve_png, "sample-efficiency curve", "Test accuracy vs labelled images per class: "
-                     "scratch (dashed) and each fine-tuning strategy; stars mark this run.") if curve_png else "")
-        body += (f"<table><tr><th>strategy</th>{header}</tr>{rows}</table>"
-                 f"<p class=muted>Each point trains with this run's params except labels per class"
-                 f"{f' and epochs={epochs} (quick sweep)' if epochs is not None else ''}, "
-                 "and is scored on the fixed target test split.</p>")
+        body = (
+            _img(
+                curve_png,
+                "sample-efficiency curve",
+                "Test accuracy vs labelled images per class: "
+                "scratch (dashed) and each fine-tuning strategy; stars mark this run.",
+            )
+            if curve_png
+            else ""
+        )
+        body += (
+            f"<table><tr><th>strategy</th>{header}</tr>{rows}</table>"
+            f"<p class=muted>Each point trains with this run's params except labels per class"
+            f"{f' and epochs={epochs} (quick sweep)' if epochs is not None else ''}, "
+            "and is scored on the fixed target test split.</p>"
+        )
         margin = float((data.get("summary") or {}).get("negative_transfer_margin") or 0.0)
         worse = negative_points(se.get("curves") or {}, margin)
         if worse:
-            body += ('<div class="banner note"><strong>Scratch beats transfer at some budgets:</strong><ul>'
-                     + "".join(f"<li>{html.escape(w)}</li>" for w in worse) + "</ul></div>")
+            body += (
+                '<div class="banner note"><strong>Scratch beats transfer at some budgets:</strong><ul>'
+                + "".join(f"<li>{html.escape(w)}</li>" for w in worse)
+                + "</ul></div>"
+            )
     notes = list(se.get("notes") or [])
     if notes:
-        body += '<ul class="notes muted">' + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
+        body += (
+            '<ul class="notes muted">'
+            + "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+            + "</ul>"
+        )
     return body
 
 
 def _confusion_html(pngs: Mapping[str, Path]) -> str:
     if not pngs:
         return _na("confusion matrices")
-    figs = "".join(_img(path, f"confusion matrix: {name}", f"{name}: rows = true class, "
-                        "colour = fraction of the true class, numbers = counts") for name, path in pngs.items())
+    figs = "".join(
+        _img(
+            path,
+            f"confusion matrix: {name}",
+            f"{name}: rows = true class, colour = fraction of the true class, numbers = counts",
+        )
+        for name, path in pngs.items()
+    )
     return f'<div class="figs">{figs}</div>'
 
 
@@ -721,9 +952,16 @@ def _provenance_html(data: Mapping[str, Any]) -> str:
     if not src:
         return _na("source model provenance")
     init = src.get("initial_weights") or {}
-    init_text = (f"{html.escape(str(init.get('weights', 'n/a')))}"
-                 + (f" (sha256 <code>{html.escape(str(init['sha256']))}</code>)" if init.get("sha256") else "")
-                 if isinstance(init, Mapping) else html.escape(str(init)))
+    init_text = (
+        f"{html.escape(str(init.get('weights', 'n/a')))}"
+        + (
+            f" (sha256 <code>{html.escape(str(init['sha256']))}</code>)"
+            if init.get("sha256")
+            else ""
+        )
+        if isinstance(init, Mapping)
+        else html.escape(str(init))
+    )
     items = [
         ("weights sha256", f"<code>{_e(src.get('weights_sha256'))}</code>"),
         ("origin", _e(src.get("origin"))),
@@ -738,25 +976,33 @@ def _provenance_html(data: Mapping[str, Any]) -> str:
     body = _kv(items)
     recorded, actual = src.get("recorded_weights_sha256"), src.get("weights_sha256")
     if recorded and actual and recorded != actual:
-        body = (f'<div class="banner danger"><strong>Provenance mismatch:</strong> the run recorded source '
-                f"weights <code>{html.escape(str(recorded))}</code> but the model used here hashes to "
-                f"<code>{html.escape(str(actual))}</code>.</div>") + body
+        body = (
+            f'<div class="banner danger"><strong>Provenance mismatch:</strong> the run recorded source '
+            f"weights <code>{html.escape(str(recorded))}</code> but the model used here hashes to "
+            f"<code>{html.escape(str(actual))}</code>.</div>"
+        ) + body
     origin = str(src.get("origin") or "")
     if origin and not origin.startswith("pretrained here"):
-        body += ('<div class="banner note">The source weights were not trained by this pipeline: a transferred '
-                 "model inherits its source's flaws (backdoors, spurious features). Audit where "
-                 f"<code>{html.escape(origin)}</code> came from.</div>")
-    return ("<p>A transferred model inherits its source model's flaws, so the source must be traceable.</p>"
-            + body)
+        body += (
+            '<div class="banner note">The source weights were not trained by this pipeline: a transferred '
+            "model inherits its source's flaws (backdoors, spurious features). Audit where "
+            f"<code>{html.escape(origin)}</code> came from.</div>"
+        )
+    return (
+        "<p>A transferred model inherits its source model's flaws, so the source must be traceable.</p>"
+        + body
+    )
 
 
 def _strategy_html(data: Mapping[str, Any]) -> str:
     s = data.get("summary") or {}
     if not s.get("strategy"):
         return _na("fine-tuning strategy")
-    items = [("strategy", f"<strong>{_e(s.get('strategy'))}</strong>"),
-             ("reason", _e(s.get("strategy_reason"))),
-             ("labels per class", _e(s.get("labels_per_class")))]
+    items = [
+        ("strategy", f"<strong>{_e(s.get('strategy'))}</strong>"),
+        ("reason", _e(s.get("strategy_reason"))),
+        ("labels per class", _e(s.get("labels_per_class"))),
+    ]
     rule = s.get("strategy_rule")
     if rule:
         items.append(("auto rule", html.escape(str(rule))))
@@ -776,10 +1022,14 @@ def _run_line(data: Mapping[str, Any]) -> str:
     return " &middot; ".join(parts)
 
 
-def render_html(data: Mapping[str, Any], curve_png: Path | None, confusion_pngs: Mapping[str, Path],
-                summary_png: Path | None = None) -> str:
+def render_html(
+    data: Mapping[str, Any],
+    curve_png: Path | None,
+    confusion_pngs: Mapping[str, Path],
+    summary_png: Path | None = None,
+) -> str:
     title = str(data.get("title") or "Transfer report")
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     notes = list(data.get("notes") or [])
     sections = [
         _section("summary", "Summary", _summary_html(data)),
@@ -791,15 +1041,24 @@ def render_html(data: Mapping[str, Any], curve_png: Path | None, confusion_pngs:
         _section("strategy", "Fine-tuning strategy", _strategy_html(data)),
     ]
     if notes:
-        sections.append(_section("report-notes", "Report notes", '<ul class="notes">' + "".join(
-            f"<li>{html.escape(str(n))}</li>" for n in notes) + "</ul>"))
+        sections.append(
+            _section(
+                "report-notes",
+                "Report notes",
+                '<ul class="notes">'
+                + "".join(f"<li>{html.escape(str(n))}</li>" for n in notes)
+                + "</ul>",
+            )
+        )
     if summary_png is not None:
-        sections.append(_section("one-page", "One-page summary", _img(summary_png, "one-page summary")))
+        sections.append(
+            _section("one-page", "One-page summary", _img(summary_png, "one-page summary"))
+        )
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
-        f"<header><h1>{html.escape(title)}</h1><p class=\"sub\">{_run_line(data)}</p></header>\n"
+        f'<header><h1>{html.escape(title)}</h1><p class="sub">{_run_line(data)}</p></header>\n'
         + "\n".join(sections)
         + f"\n<footer>Generated {now} by transfer-pipeline (<code>transfer report</code>).</footer>"
         "\n</body></html>\n"
@@ -821,7 +1080,9 @@ def _headline(data: Mapping[str, Any]) -> list[str]:
     ]
     checks = _checks(data)
     if checks:
-        lines.append("checks: " + "   ".join(f"{c['check']} {c.get('level', '').upper()}" for c in checks))
+        lines.append(
+            "checks: " + "   ".join(f"{c['check']} {c.get('level', '').upper()}" for c in checks)
+        )
     return lines
 
 
@@ -837,21 +1098,37 @@ def plot_report_page(data: Mapping[str, Any], path: str | Path) -> Path:
     for i, line in enumerate(lines):
         top.text(0.01, 0.62 - i * 0.24, line, fontsize=10, family="monospace", va="center")
     if negative:
-        top.text(0.99, 0.62, "NEGATIVE TRANSFER", fontsize=13, color="white", ha="right", va="center",
-                 fontweight="bold", bbox={"facecolor": "#cf222e", "edgecolor": "none", "pad": 4})
+        top.text(
+            0.99,
+            0.62,
+            "NEGATIVE TRANSFER",
+            fontsize=13,
+            color="white",
+            ha="right",
+            va="center",
+            fontweight="bold",
+            bbox={"facecolor": "#cf222e", "edgecolor": "none", "pad": 4},
+        )
     axes = bottom.subplots(1, 3, width_ratios=[1.25, 1, 1])
     se = data.get("sample_efficiency") or {}
     _draw_curves(axes[0], se.get("curves") or {}, _run_point(data))
     axes[0].set_title("sample efficiency")
     confusion = data.get("confusion") or {}
-    for ax, name in zip(axes[1:], ("transfer", "scratch")):
+    for ax, name in zip(axes[1:], ("transfer", "scratch"), strict=True):
         block = confusion.get(name)
         if block and block.get("matrix"):
             classes = block.get("classes") or [str(i) for i in range(len(block["matrix"]))]
             _draw_confusion(ax, bottom, block["matrix"], classes, _confusion_title(name, block))
         else:
             ax.axis("off")
-            ax.text(0.5, 0.5, f"{name}: no confusion matrix", ha="center", va="center", transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                f"{name}: no confusion matrix",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
     return _save(fig, path)
 
 
@@ -872,14 +1149,16 @@ def build_report(data: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path
     paths: dict[str, Path] = {}
     se = data.get("sample_efficiency") or {}
     if _norm_curves(se.get("curves") or {}):
-        paths["curve"] = plot_sample_efficiency(se["curves"], out / "sample_efficiency.png",
-                                                run_point=_run_point(data))
+        paths["curve"] = plot_sample_efficiency(
+            se["curves"], out / "sample_efficiency.png", run_point=_run_point(data)
+        )
     confusion_pngs: dict[str, Path] = {}
     for name in ("transfer", "scratch"):
         block = (data.get("confusion") or {}).get(name)
         if block and block.get("matrix"):
             confusion_pngs[name] = paths[f"confusion_{name}"] = plot_confusion(
-                block, name, out / f"confusion_{name}.png")
+                block, name, out / f"confusion_{name}.png"
+            )
     paths["png"] = plot_report_page(data, out / "report.png")
     full = dict(data)
     full.setdefault("checks", _checks(data))

@@ -21,7 +21,9 @@ from transfer.data import ImageTensors, dataset_version, load_split, prepare_dat
 from transfer.errors import TransferError
 from transfer.metrics import classification_report, plot_confusion_matrix, plot_learning_curves
 from transfer.models import TransferNet, create_model, load_model_dir, save_model_dir, weights_sha256
-from transfer.train import Callback, fit, predict_proba, resolve_device
+from transfer.feature_cache import FeatureCache, train_head_cached
+from transfer.techniques.gradual import GradualUnfreezing
+from transfer.train import fit, predict_proba, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -128,23 +130,6 @@ def _freeze_and_groups(model: TransferNet, strategy: str, params: Params) -> lis
     return freezing.param_groups(model, ft.lr, body_lr_mult=body_mult, layer_decay=ft.layer_decay)
 
 
-class _GradualUnfreeze(Callback):
-    """Unfreeze one more top block every ``every`` epochs, adding it to the optimizer."""
-
-    def __init__(self, every: int, lr: float, layer_decay: float) -> None:
-        self.every, self.lr, self.layer_decay = every, lr, layer_decay
-
-    def on_epoch_start(self, epoch: int, model: TransferNet, optimizer: torch.optim.Optimizer) -> None:
-        n = (epoch - 1) // self.every
-        if n == 0 or n > len(model.blocks):
-            return
-        before = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        freezing.unfreeze_top(model, n)
-        new = [p for p in model.blocks[-n].parameters() if p.requires_grad and id(p) not in before]
-        if new:
-            optimizer.add_param_group({"params": new, "lr": self.lr * self.layer_decay ** n, "name": f"block-{n}"})
-
-
 def finetune(
     params: Params,
     source_model_dir: str | Path,
@@ -157,14 +142,16 @@ def finetune(
     chosen, reason = (strategy, "requested") if strategy else resolve_strategy(params)
     out = Path(out_dir)
     splits = target_splits(params)
-    source, source_meta = load_model_dir(source_model_dir)
-    model = source
-    model.reset_classifier(len(splits["train"].classes))
+    _, source_meta = load_model_dir(source_model_dir)
     device = resolve_device(params.runtime.device)
     ft = params.finetune
-    if chosen in FREEZE_STRATEGIES:
+    if chosen == "head" and ft.feature_cache:
+        model, history, seconds = _head_on_cached_features(params, source_model_dir, splits, device)
+    elif chosen in FREEZE_STRATEGIES:
+        model, _ = load_model_dir(source_model_dir)
+        model.reset_classifier(len(splits["train"].classes))
         groups = _freeze_and_groups(model, chosen, params)
-        callbacks = [_GradualUnfreeze(ft.unfreeze_every, ft.lr, ft.layer_decay)] if chosen == "gradual" else []
+        callbacks = [GradualUnfreezing(ft.unfreeze_every, ft.lr, ft.layer_decay)] if chosen == "gradual" else []
         result = fit(
             model, splits["train"], splits["val"], ft, device=device, seed=params.runtime.seed,
             param_groups=groups, callbacks=callbacks, checkpoint_dir=out / "checkpoints",
@@ -186,6 +173,26 @@ def finetune(
     return TrainedModel(str(model_dir), "finetune", chosen, history, seconds, {"reason": reason})
 
 
+def _head_on_cached_features(
+    params: Params, source_model_dir: str | Path, splits: dict[str, ImageTensors], device: torch.device,
+) -> tuple[TransferNet, list[dict[str, Any]], float]:
+    """Frozen body: compute its features once per dataset version, train only the head on them.
+
+    Same result as ``fit`` through the frozen body without augmentation (the body is
+    deterministic in eval mode), at a fraction of the cost per epoch.
+    """
+    model, _ = load_model_dir(source_model_dir)
+    model.reset_classifier(len(splits["train"].classes))
+    freezing.apply_freeze(model, "head")
+    cache = FeatureCache(Path(params.data.root) / ".cache" / "features")
+    started = time.perf_counter()
+    history = train_head_cached(
+        model, splits["train"], splits["val"], params.finetune, cache,
+        dataset_version(dataset_dirs(params)["target"]), params.runtime.seed, device,
+    )
+    return model, history, time.perf_counter() - started
+
+
 def _run_technique(
     name: str, source_model_dir: str | Path, splits: dict[str, ImageTensors], params: Params,
     device: torch.device, progress: bool,
@@ -202,11 +209,15 @@ def _run_technique(
 
 
 def _save_any(model: torch.nn.Module, model_dir: Path, meta: dict[str, Any]) -> None:
-    if not isinstance(model, TransferNet):
-        raise TransferError(
-            f"strategy {meta.get('strategy')} produced a {type(model).__name__}, which cannot be "
-            "exported as a single-column model yet"
-        )
+    """TransferNet, or a progressive net (rebuilt from its source column's arch on load)."""
+    from transfer.techniques.progressive import ProgressiveNet
+
+    if isinstance(model, ProgressiveNet):
+        source = model.source
+        model.arch, model.in_channels = source.arch, source.in_channels
+        meta = {**meta, "technique": "progressive", "num_source_classes": source.num_classes}
+    elif not isinstance(model, TransferNet):
+        raise TransferError(f"strategy {meta.get('strategy')} produced a {type(model).__name__}, which cannot be exported")
     save_model_dir(model.cpu(), model_dir, meta)
 
 

@@ -19,6 +19,8 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -68,15 +70,39 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+@contextmanager
+def mlflow_uris(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri``, then restore exactly what was there before.
+
+    ``set_tracking_uri`` / ``set_registry_uri`` also export MLFLOW_TRACKING_URI /
+    MLFLOW_REGISTRY_URI; restoring with the public setters would pin a value that later tests
+    expect to come from their own environment, so the module globals are put back as well.
+    """
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {name: os.environ.get(name) for name in names}
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory):
     """A sqlite registry in tmp holding NAME v1 @champion (+ the Predictor it must agree with)."""
     tmp = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    old_tracking, old_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
+    with mlflow_uris(uri):
         torch.manual_seed(0)
         model = create_model("tiny_cnn", num_classes=len(CLASSES), in_channels=1)
         model_dir = save_model_dir(model, tmp / "model", {"classes": CLASSES, "image_size": SIZE})
@@ -96,9 +122,6 @@ def registry(tmp_path_factory: pytest.TempPathFactory):
             "predictor": Predictor.from_dir(model_dir), "log_seconds": log_seconds,
             "champion": f"models:/{NAME}@champion",
         }
-    finally:
-        mlflow.set_tracking_uri(old_tracking)
-        mlflow.set_registry_uri(old_registry)
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +229,7 @@ def test_predict_files(registry, tmp_path: Path) -> None:
         predict_files([tmp_path / "missing.png"], registry["champion"])
 
 
+@pytest.mark.slow
 def test_loads_from_another_cwd_without_the_installed_package(registry, tmp_path: Path) -> None:
     """code_paths carries ``transfer``: load with the project neither installed nor on sys.path."""
     script = textwrap.dedent(
@@ -354,7 +378,7 @@ def test_scoring_server_over_http(registry, tmp_path: Path) -> None:
         assert_client_error(status, text, "row 0: cannot decode image")
 
         proc.send_signal(signal.SIGTERM)  # serve() forwards it to the mlflow CLI + uvicorn
-        assert proc.wait(timeout=30) is not None
+        assert proc.wait(timeout=30) == 0  # a requested stop is a clean exit
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     finally:

@@ -1,0 +1,121 @@
+"""`report_for_run` against what the pipeline really records in MLflow (tiny data, no Prefect).
+
+The pipeline's own stage functions (data version, pretrain, fine-tune, scratch, evaluate)
+run here without a Prefect server, then the parent run is closed with a summary.json the
+way ``finish_pipeline_run`` does it; the report must find everything from the run alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from transfer.config import params_from_dict
+from transfer.errors import TransferError
+
+pytestmark = pytest.mark.slow
+
+RUN_PARAMS = {
+    "data": {"image_size": 16, "source": {"n": 600}, "target": {"test_size": 300}},
+    "pretrain": {"arch": "tiny_cnn", "epochs": 2, "batch_size": 64},
+    "finetune": {"strategy": "auto", "labels_per_class": 5, "epochs": 3, "batch_size": 16},
+    "runtime": {"device": "cpu"},
+}
+
+
+def _pipeline_run(params) -> dict:
+    """The pipeline flow's steps minus Prefect and promotion; returns the flow's summary."""
+    from tasks import tracking
+    from tasks.data import version_data
+    from tasks.evaluate import evaluate_models
+    from tasks.pipeline_run import log_data_version, log_source_model, start_pipeline_run
+    from tasks.train import finetune_target, pretrain_source, train_baseline
+
+    run_id = start_pipeline_run.fn(params)
+    data = version_data(params)
+    log_data_version.fn(params, run_id, data)
+    source = pretrain_source(params, data, run_id)
+    log_source_model.fn(params, run_id, source)
+    tuned = finetune_target(params, data, source, run_id)
+    scratch = train_baseline(params, data, run_id)
+    evaluation = evaluate_models(params, tuned, scratch, run_id)
+    summary = {
+        "mlflow_run_id": run_id,
+        "strategy": tuned["strategy"],
+        "strategy_reason": tuned["reason"],
+        "labels_per_class": params.finetune.labels_per_class,
+        "source_reused": source["reused"],
+        "source_weights_sha256": source["weights_sha256"],
+        "transfer_accuracy": evaluation["transfer"]["accuracy"],
+        "scratch_accuracy": evaluation["scratch"]["accuracy"],
+        "gain": evaluation["gain"]["gain"],
+        "negative_transfer": evaluation["gain"]["negative_transfer"],
+        "model_name": params.promote.model_name,
+        "model_version": "1",
+        "promoted": True,
+        "promotion_reason": "all gates passed",
+        "tuned_run_id": tuned["run_id"],
+    }
+    client = tracking.configure(params)
+    tracking.log_json(client, run_id, summary, "summary.json")
+    tracking.end_run(client, run_id)
+    return summary
+
+
+def test_report_for_run_reads_the_run_sweeps_and_logs(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    from mlflow.tracking import MlflowClient
+
+    from tasks.report import report_for_run
+
+    # The caller's params differ from the run's (image size, k, arch): the run's win.
+    caller = params_from_dict({"runtime": {"device": "cpu"}})
+    with pytest.raises(TransferError, match="no finished pipeline run"):
+        report_for_run(caller, None, tmp_path / "none", [1], ["head"], 1)
+
+    run_params = params_from_dict(RUN_PARAMS)
+    summary = _pipeline_run(run_params)
+    run_id = summary["mlflow_run_id"]
+
+    paths = report_for_run(caller, None, tmp_path / "report", [1, 5, 1000], ["head"], 1)
+    text = paths["html"].read_text()
+    for anchor in (
+        "summary",
+        "data-sizes",
+        "transfer-checks",
+        "sample-efficiency",
+        "confusion-matrices",
+        "provenance",
+        "strategy",
+    ):
+        assert f'<section id="{anchor}">' in text
+    assert run_id in text and summary["source_weights_sha256"] in text
+    assert len(re.findall(r'<img src="data:image/png;base64,', text)) == 3
+    assert "k=1000 skipped" in text and "auto_head_max=10" in text
+    data = json.loads(paths["json"].read_text())
+    assert data["datasets"]["target"]["labelled_budget"] == 50  # the run's k=5, not the default 10
+    assert data["datasets"]["source"]["width"]["median"] == 16  # the run's image size
+    assert data["source_model"]["arch"] == "tiny_cnn"
+    assert data["source_model"]["initial_weights"]["weights"] == "random"
+    assert data["confusion"]["transfer"]["classes"] == [str(i) for i in range(10)]
+    assert set(data["sample_efficiency"]["curves"]) == {"scratch", "head"}
+    assert data["summary"]["gain"] == pytest.approx(summary["gain"])
+    assert data["notes"] == []
+
+    client = MlflowClient()
+    logged = {a.path for a in client.list_artifacts(run_id, "report")}
+    assert {"report/report.html", "report/report.png"} <= logged
+    run = client.get_run(run_id)
+    assert run.data.tags["report"] == "report/report.html"
+    assert "sample_efficiency_head" in run.data.metrics
+
+    # A stage run id leads to its pipeline run; an unknown id is a user error.
+    from tasks.report import find_pipeline_run
+
+    assert find_pipeline_run(client, caller, summary["tuned_run_id"]).info.run_id == run_id
+    with pytest.raises(TransferError, match="no MLflow run"):
+        report_for_run(caller, "0" * 32, tmp_path / "bad", [1], ["head"], 1)

@@ -1,0 +1,75 @@
+"""The stage functions on tiny data: every strategy trains, exports and evaluates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from transfer import stages
+from transfer.config import params_from_dict
+from transfer.errors import TransferError
+from transfer.models import load_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("stages")
+    params = params_from_dict({
+        "data": {"root": str(root / "data"), "image_size": 12, "source": {"n": 300},
+                 "target": {"test_size": 200}},
+        "pretrain": {"arch": "tiny_cnn", "epochs": 1, "batch_size": 64},
+        "finetune": {"labels_per_class": 3, "epochs": 2, "batch_size": 16},
+        "runtime": {"device": "cpu", "artifacts_dir": str(root / "artifacts")},
+    })
+    stages.prepare(params, progress=False)
+    source = stages.pretrain(params, root / "source", progress=False)
+    return params, source, root
+
+
+def test_pretrain_records_provenance(tiny) -> None:
+    _, source, _ = tiny
+    meta = json.loads((Path(source.model_dir) / "model.json").read_text())
+    assert len(meta["weights_sha256"]) == 64
+    assert meta["classes"] == [str(i) for i in range(10)]
+    assert len(source.history) == 1 and 0.0 <= source.info["source_test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("strategy", ["head", "last_k", "full", "gradual", "l2sp", "distill", "progressive", "multitask"])
+def test_every_strategy_exports_a_loadable_model(tiny, strategy: str) -> None:
+    params, source, root = tiny
+    trained = stages.finetune(params, source.model_dir, root / strategy, strategy=strategy, progress=False)
+    model, meta = load_model_dir(trained.model_dir)
+    assert meta["strategy"] == strategy and meta["source_weights_sha256"] == source.info["weights_sha256"]
+    report = stages.evaluate(params, trained.model_dir, root / "eval", name=strategy)
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["n_test"] == 200
+    assert model(torch.zeros(3, 1, 12, 12)).shape == (3, 10)
+
+
+def test_head_on_cached_features_leaves_body_untouched(tiny) -> None:
+    params, source, root = tiny
+    before, _ = load_model_dir(source.model_dir)
+    trained = stages.finetune(params, source.model_dir, root / "head-check", strategy="head", progress=False)
+    after, _ = load_model_dir(trained.model_dir)
+    for (name, a), b in zip(before.body.state_dict().items(), after.body.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert list((Path(params.data.root) / ".cache" / "features").glob("*.pt"))
+
+
+def test_auto_strategy_explains_itself(tiny) -> None:
+    params, _, _ = tiny
+    p = params.model_copy(deep=True)
+    p.finetune.strategy = "auto"
+    strategy, reason = stages.resolve_strategy(p)
+    assert strategy in {"head", "last_k", "full"} and str(p.finetune.labels_per_class) in reason
+
+
+def test_evaluate_rejects_a_model_of_other_classes(tiny, tmp_path: Path) -> None:
+    params, source, _ = tiny
+    from transfer.models import create_model, save_model_dir
+
+    other = save_model_dir(create_model("tiny_cnn", 3, 1), tmp_path / "m", {"classes": ["a", "b", "c"]})
+    with pytest.raises(TransferError, match="classes"):
+        stages.evaluate(params, other, tmp_path / "eval")
