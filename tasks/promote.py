@@ -126,10 +126,10 @@ def decide(
 def _register(params: Params, tuned: dict[str, Any], tags: dict[str, Any]) -> Any:
     from tasks.pyfunc_model import log_pyfunc_model
 
-    with mlflow.start_run(run_id=tuned["run_id"]):
-        info = log_pyfunc_model(
-            tuned["model_dir"], name="model", registered_model_name=params.promote.model_name
-        )
+    info = log_pyfunc_model(
+        tuned["model_dir"], name="model", registered_model_name=params.promote.model_name,
+        run_id=tuned["run_id"], max_batch=params.serve.max_batch, max_image_bytes=params.serve.max_image_bytes,
+    )
     client = MlflowClient()
     version = client.get_model_version(
         params.promote.model_name, str(info.registered_model_version)

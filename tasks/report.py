@@ -218,8 +218,8 @@ def locate_source_model(
             first_existing[0],
             first_existing[1],
             [
-                "the run recorded no source_weights_sha256: using the source model re-derived from its "
-                f"params ({first_existing[0]}), which cannot be verified"
+                "the run recorded no source_weights_sha256: using the source model re-derived "
+                f"from its params ({first_existing[0]}), which cannot be verified"
             ],
         )
     return (
@@ -374,7 +374,6 @@ def gather(
 def _time(millis: int | None) -> str | None:
     if not millis:
         return None
-
     return datetime.fromtimestamp(millis / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 

@@ -172,6 +172,72 @@ def runs(
     console.print(table)
 
 
+@app.command()
+def serve(
+    params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+    alias: Annotated[str | None, typer.Option(help="registry alias to serve (default serve.alias)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default serve.port)")] = None,
+    host: Annotated[str | None, typer.Option(help="host (default serve.host)")] = None,
+) -> None:
+    """Serve models:/<name>@<alias> with MLflow's scoring server (POST /invocations)."""
+    from tasks.serve import serve as run_server
+    from tasks.tracking import tracking_uri
+
+    params = _params(params_file, overrides)
+    raise typer.Exit(run_server(params, alias=alias, port=port, tracking_uri=tracking_uri(params), host=host))
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="image files (PNG/JPEG)", exists=True, dir_okay=False)],
+    params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+    alias: Annotated[str | None, typer.Option(help="registry alias (default serve.alias)")] = None,
+) -> None:
+    """Classify image files offline with the registered model (same code path as the server)."""
+    from tasks.serve import model_uri, predict_files
+    from tasks.tracking import tracking_uri
+
+    params = _params(params_file, overrides)
+    rows = predict_files(images, model_uri(params, alias), tracking_uri(params))
+    table = Table("image", "label", "probability")
+    for row in rows:
+        table.add_row(str(row["path"]), str(row["label"]), f"{row['probability']:.3f}")
+    console.print(table)
+
+
+@app.command()
+def schedule(
+    params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+    cron: Annotated[str | None, typer.Option(help='cron expression (default schedule.cron), e.g. "0 3 * * *"')] = None,
+) -> None:
+    """Serve the retraining flow on a cron schedule (retrains only when the data changed)."""
+    from flows.serve_schedule import schedule as serve_schedule
+    from flows.serve_schedule import validate_cron
+
+    params = _params(params_file, overrides)
+    validate_cron(cron or params.schedule.cron)
+    serve_schedule(params, cron)
+
+
+@app.command()
+def report(
+    params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+    run_id: Annotated[str | None, typer.Option(help="pipeline run id (default: the latest)")] = None,
+    out: Annotated[Path, typer.Option(help="output dir")] = Path("artifacts/report"),
+    ks: Annotated[str, typer.Option(help="labels per class for the sample-efficiency curve")] = "1,5,10,50",
+    strategies: Annotated[str, typer.Option(help="strategies on the curve (scratch always)")] = "head,full",
+    epochs: Annotated[int | None, typer.Option(help="fine-tune epochs for the curve (default finetune.epochs)")] = None,
+) -> None:
+    """HTML + PNG transfer report of a run, also logged to its MLflow run."""
+    from tasks.report import report_for_run
+
+    params = _params(params_file, overrides)
+    paths = report_for_run(params, run_id, out, [int(k) for k in ks.split(",")],
+                           [s for s in strategies.split(",") if s], epochs)
+    for name, path in paths.items():
+        console.print(f"{name}: {path}")
+
+
 def _print_mapping(title: str, data: dict[str, Any]) -> None:
     table = Table(title=title, show_header=False)
     for key, value in data.items():

@@ -191,8 +191,8 @@ def transfer_sense_checks(
             _check(
                 "compatible_image_sizes",
                 ok,
-                f"median side {s_side:.0f}px (source) vs {t_side:.0f}px (target), ratio {ratio:.1f}x "
-                f"(limit {MAX_SIZE_RATIO:.0f}x)"
+                f"median side {s_side:.0f}px (source) vs {t_side:.0f}px (target), "
+                f"ratio {ratio:.1f}x (limit {MAX_SIZE_RATIO:.0f}x)"
                 + (
                     ""
                     if ok
@@ -212,8 +212,8 @@ def transfer_sense_checks(
             _check(
                 "source_much_larger",
                 ok,
-                f"{n_source:,} source training images vs a target budget of {budget:,} labelled images: "
-                f"{ratio:,.1f}x (threshold {min_ratio:g}x)"
+                f"{n_source:,} source training images vs a target budget of {budget:,} "
+                f"labelled images: {ratio:,.1f}x (threshold {min_ratio:g}x)"
                 + ("" if ok else ": the source is not much larger, so pretraining may add little"),
             )
         )
@@ -233,8 +233,8 @@ def transfer_sense_checks(
         _check(
             "class_overlap",
             True,
-            f"{len(shared)} of {len(t_cls)} target classes appear among the {len(s_cls)} source classes "
-            f"({note}; the output layer is re-initialised either way)",
+            f"{len(shared)} of {len(t_cls)} target classes appear among the {len(s_cls)} source "
+            f"classes ({note}; the output layer is re-initialised either way)",
             "info",
         )
     )
@@ -528,7 +528,7 @@ def _draw_curves(
     ax.set_xlabel("labelled target images per class (log scale)")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
 
 
 def plot_sample_efficiency(
@@ -652,7 +652,8 @@ def _checks(data: Mapping[str, Any]) -> list[dict[str, Any]] | None:
 # --------------------------------------------------------------------------- HTML
 
 CSS = """
-:root { --ok:#1a7f37; --bad:#cf222e; --warn:#9a6700; --info:#0969da; --muted:#57606a; --line:#d0d7de; }
+:root { --ok:#1a7f37; --bad:#cf222e; --warn:#9a6700; --info:#0969da; --muted:#57606a;
+        --line:#d0d7de; }
 * { box-sizing: border-box; }
 body { font: 15px/1.5 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color:#1f2328;
        max-width: 1120px; margin: 0 auto; padding: 24px 28px 60px; background:#fff; }
@@ -667,11 +668,12 @@ th { background: #f6f8fa; font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); gap: 12px; }
 .card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; }
-.card .label { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
+.card .label { color: var(--muted); font-size: 12px; text-transform: uppercase;
+               letter-spacing: .04em; }
 .card .value { font-size: 22px; font-weight: 600; }
 .pos { color: var(--ok); } .neg { color: var(--bad); }
-.badge { display: inline-block; min-width: 52px; text-align: center; font-size: 12px; font-weight: 700;
-         border-radius: 10px; padding: 1px 8px; color: #fff; }
+.badge { display: inline-block; min-width: 52px; text-align: center; font-size: 12px;
+         font-weight: 700; border-radius: 10px; padding: 1px 8px; color: #fff; }
 .badge.pass { background: var(--ok); } .badge.fail { background: var(--bad); }
 .badge.warn { background: var(--warn); } .badge.info { background: var(--info); }
 .banner { border-radius: 8px; padding: 12px 16px; margin: 16px 0; border: 1px solid; }
@@ -753,17 +755,21 @@ def _summary_html(data: Mapping[str, Any]) -> str:
     if negative:
         banner = (
             f'<div class="banner danger" id="negative-transfer-warning" role="alert"><strong>'
-            f"Negative transfer:</strong> the fine-tuned model scores {_e(s.get('transfer_accuracy'))}, "
-            f"below the same budget trained from scratch ({_e(s.get('scratch_accuracy'))}; gain "
-            f"{html.escape(_f(gain, sign=True))}, negative-transfer margin {margin:g}). The source features hurt this "
-            "target: check the transfer-sense checks, try another strategy or drop the source.</div>"
+            f"Negative transfer:</strong> the fine-tuned model scores "
+            f"{_e(s.get('transfer_accuracy'))}, below the same budget trained from scratch "
+            f"({_e(s.get('scratch_accuracy'))}; gain {html.escape(_f(gain, sign=True))}, "
+            f"negative-transfer margin {margin:g}). The source features hurt this target: check "
+            "the transfer-sense checks, try another strategy or drop the source.</div>"
         )
     elif negative is None:
-        banner = '<div class="banner note">No scratch baseline recorded: the transfer gain is unknown.</div>'
+        banner = (
+            '<div class="banner note">No scratch baseline recorded: '
+            "the transfer gain is unknown.</div>"
+        )
     else:
         banner = (
-            f'<div class="banner good">Transfer helped: {html.escape(_f(gain, sign=True))} test accuracy '
-            "over the same budget trained from scratch.</div>"
+            f'<div class="banner good">Transfer helped: {html.escape(_f(gain, sign=True))} '
+            "test accuracy over the same budget trained from scratch.</div>"
         )
     extra = []
     if s.get("promotion_reason"):
@@ -792,7 +798,8 @@ def _data_html(data: Mapping[str, Any]) -> str:
     if not datasets:
         return _na("dataset manifests")
     head = (
-        "<tr><th>dataset</th><th class=num>classes</th><th class=num>train</th><th class=num>val</th>"
+        "<tr><th>dataset</th><th class=num>classes</th><th class=num>train</th>"
+        "<th class=num>val</th>"
         "<th class=num>test</th><th class=num>unlabelled</th><th class=num>total</th>"
         "<th class=num>unreadable</th><th>image size (median)</th><th>channels / modes</th></tr>"
     )
@@ -817,16 +824,18 @@ def _data_html(data: Mapping[str, Any]) -> str:
         nums = "".join(f"<td class=num>{c:,}</td>" for c in cells)
         rows.append(
             f"<tr><td><strong>{name}</strong></td>{nums}<td>{html.escape(_size_text(d))}</td>"
-            f"<td>{html.escape(str(d.get('channels')))} / {html.escape(', '.join(d.get('modes', [])))}</td></tr>"
+            f"<td>{html.escape(str(d.get('channels')))} / "
+            f"{html.escape(', '.join(d.get('modes', [])))}</td></tr>"
         )
     body = f"<table>{head}{''.join(rows)}</table>"
     target = datasets.get("target") or {}
     if target.get("labelled_budget"):
         body += (
-            f"<p>Target labelled budget used for training: <strong>{target['labels_per_class']}</strong> "
-            f"labels per class x {len(target.get('classes', []))} classes = "
-            f"<strong>{target['labelled_budget']:,}</strong> images (the rest of the train split is not used; "
-            "the test split is fixed).</p>"
+            "<p>Target labelled budget used for training: "
+            f"<strong>{target['labels_per_class']}</strong> labels per class x "
+            f"{len(target.get('classes', []))} classes = "
+            f"<strong>{target['labelled_budget']:,}</strong> images (the rest of the train split "
+            "is not used; the test split is fixed).</p>"
         )
     for name in ("source", "target"):
         d = datasets.get(name) or {}
@@ -856,16 +865,20 @@ def _data_html(data: Mapping[str, Any]) -> str:
     return body
 
 
+def _level(check: Mapping[str, Any]) -> str:
+    return str(check.get("level") or ("pass" if check.get("passed") else "fail"))
+
+
 def _checks_html(checks: list[dict[str, Any]] | None) -> str:
     if checks is None:
         return _na("transfer-sense checks (need both dataset manifests)")
     rows = "".join(
-        f'<tr><td><span class="badge {html.escape(c.get("level", "pass" if c["passed"] else "fail"))}">'
-        f"{html.escape(c.get('level', 'pass' if c['passed'] else 'fail').upper())}</span></td>"
-        f"<td><code>{html.escape(c['check'])}</code></td><td>{html.escape(c['detail'])}</td></tr>"
+        f'<tr><td><span class="badge {html.escape(_level(c))}">{html.escape(_level(c).upper())}'
+        f"</span></td><td><code>{html.escape(str(c['check']))}</code></td>"
+        f"<td>{html.escape(str(c['detail']))}</td></tr>"
         for c in checks
     )
-    failed = [c["check"] for c in checks if c.get("level") == "fail"]
+    failed = [str(c["check"]) for c in checks if _level(c) == "fail"]
     verdict = (
         f'<div class="banner note">Transfer may not pay off here: {html.escape(", ".join(failed))} '
         "failed.</div>"
@@ -919,7 +932,8 @@ def _curve_html(data: Mapping[str, Any], curve_png: Path | None) -> str:
         worse = negative_points(se.get("curves") or {}, margin)
         if worse:
             body += (
-                '<div class="banner note"><strong>Scratch beats transfer at some budgets:</strong><ul>'
+                '<div class="banner note"><strong>Scratch beats transfer at some budgets:'
+                "</strong><ul>"
                 + "".join(f"<li>{html.escape(w)}</li>" for w in worse)
                 + "</ul></div>"
             )
@@ -977,20 +991,20 @@ def _provenance_html(data: Mapping[str, Any]) -> str:
     recorded, actual = src.get("recorded_weights_sha256"), src.get("weights_sha256")
     if recorded and actual and recorded != actual:
         body = (
-            f'<div class="banner danger"><strong>Provenance mismatch:</strong> the run recorded source '
-            f"weights <code>{html.escape(str(recorded))}</code> but the model used here hashes to "
-            f"<code>{html.escape(str(actual))}</code>.</div>"
+            '<div class="banner danger"><strong>Provenance mismatch:</strong> the run '
+            f"recorded source weights <code>{html.escape(str(recorded))}</code> but the model "
+            f"used here hashes to <code>{html.escape(str(actual))}</code>.</div>"
         ) + body
     origin = str(src.get("origin") or "")
     if origin and not origin.startswith("pretrained here"):
         body += (
-            '<div class="banner note">The source weights were not trained by this pipeline: a transferred '
-            "model inherits its source's flaws (backdoors, spurious features). Audit where "
-            f"<code>{html.escape(origin)}</code> came from.</div>"
+            '<div class="banner note">The source weights were not trained by this pipeline: '
+            "a transferred model inherits its source's flaws (backdoors, spurious features). "
+            f"Audit where <code>{html.escape(origin)}</code> came from.</div>"
         )
     return (
-        "<p>A transferred model inherits its source model's flaws, so the source must be traceable.</p>"
-        + body
+        "<p>A transferred model inherits its source model's flaws, so the source must be "
+        "traceable.</p>" + body
     )
 
 
@@ -1075,14 +1089,13 @@ def _headline(data: Mapping[str, Any]) -> list[str]:
         f"transfer {_f(s.get('transfer_accuracy'))}   scratch {_f(s.get('scratch_accuracy'))}   "
         f"gain {_f(gain, sign=True)}   strategy {_f(s.get('strategy'))}   "
         f"k = {_f(s.get('labels_per_class'))} labels/class",
-        f"source weights sha256 {str(src.get('weights_sha256') or 'n/a')[:16]}...   origin {_f(src.get('origin'))}   "
+        f"source weights sha256 {str(src.get('weights_sha256') or 'n/a')[:16]}...   "
+        f"origin {_f(src.get('origin'))}   "
         f"source test accuracy {_f(src.get('source_test_accuracy'))}",
     ]
     checks = _checks(data)
     if checks:
-        lines.append(
-            "checks: " + "   ".join(f"{c['check']} {c.get('level', '').upper()}" for c in checks)
-        )
+        lines.append("checks: " + "   ".join(f"{c['check']} {_level(c).upper()}" for c in checks))
     return lines
 
 

@@ -158,6 +158,8 @@ def finetune(
             progress=progress, desc=f"finetune ({chosen})",
         )
         history, seconds = _history(result), result.seconds
+    elif chosen == "dann":
+        model, history, seconds = _run_dann(params, source_model_dir, splits, device, progress)
     else:
         model, history, seconds = _run_technique(chosen, source_model_dir, splits, params, device, progress)
     log.info("fine-tuned with strategy=%s (%s)", chosen, reason)
@@ -189,6 +191,34 @@ def _head_on_cached_features(
     history = train_head_cached(
         model, splits["train"], splits["val"], params.finetune, cache,
         dataset_version(dataset_dirs(params)["target"]), params.runtime.seed, device,
+    )
+    return model, history, time.perf_counter() - started
+
+
+def unlabelled_target(params: Params) -> ImageTensors:
+    """Target images for domain adaptation, labels dropped: the ``unlabelled`` split when the
+    dataset has one, else the whole target train pool (DANN never sees a target label)."""
+    try:
+        pool = _load(params, "target", "unlabelled")
+    except TransferError:
+        pool = None
+    if pool is None or len(pool) == 0:
+        pool = _load(params, "target", "train")
+    return ImageTensors(pool.images, torch.full_like(pool.labels, -1), pool.classes)
+
+
+def _run_dann(
+    params: Params, source_model_dir: str | Path, splits: dict[str, ImageTensors], device: torch.device,
+    progress: bool,
+) -> tuple[TransferNet, list[dict[str, Any]], float]:
+    """Domain-adversarial training: labelled source + unlabelled target (Ganin & Lempitsky)."""
+    from transfer.techniques.dann import run_dann
+
+    source, _ = load_model_dir(source_model_dir)
+    started = time.perf_counter()
+    model, history = run_dann(
+        source, _load(params, "source", "train"), unlabelled_target(params), splits["val"],
+        params.finetune, device, params.runtime.seed, progress,
     )
     return model, history, time.perf_counter() - started
 

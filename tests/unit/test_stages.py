@@ -37,7 +37,7 @@ def test_pretrain_records_provenance(tiny) -> None:
     assert len(source.history) == 1 and 0.0 <= source.info["source_test_accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("strategy", ["head", "last_k", "full", "gradual", "l2sp", "distill", "progressive", "multitask"])
+@pytest.mark.parametrize("strategy", ["head", "last_k", "full", "gradual", "l2sp", "distill", "progressive", "multitask", "dann"])
 def test_every_strategy_exports_a_loadable_model(tiny, strategy: str) -> None:
     params, source, root = tiny
     trained = stages.finetune(params, source.model_dir, root / strategy, strategy=strategy, progress=False)
