@@ -44,7 +44,10 @@ TINY_PARAMS = {
 
 
 def write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    """Write params with every key spelled out: dvc.yaml's per-stage params must exist."""
+    from transfer.config import params_from_dict
+
+    path.write_text(yaml.safe_dump(params_from_dict(data).dump(), sort_keys=False))
     return path
 
 
@@ -66,7 +69,8 @@ def dvc_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(tmp_path / "dvc-remote")], repo)
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     # dvc.yaml deps name source folders of the project: mirror them so `dvc repro` resolves.
-    shutil.copytree(REPO / "transfer", repo / "transfer", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("transfer", "tasks"):
+        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     write_yaml(repo / "params.yaml", TINY_PARAMS)
     monkeypatch.chdir(repo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -16,7 +16,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markdown import Markdown
 from rich.table import Table
 
 from transfer.config import Params, load_params
@@ -46,12 +45,17 @@ def _write_json(path: str | Path, data: Any) -> None:
 
 
 @data_app.command("prepare")
-def data_prepare(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+def data_prepare(
+    params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+    record_bad: Annotated[bool, typer.Option(
+        "--record-bad", help="record unreadable files in the manifest (readable=false) instead of failing; "
+        "`transfer validate` then reports them (what dvc.yaml and the flow do)")] = False,
+) -> None:
     """Materialise the source and target datasets as ImageFolder trees + manifests under data/."""
     from transfer import stages
 
     params = _params(params_file, overrides)
-    result = stages.prepare(params, strict=not params.data.skip_bad_images, progress=True)
+    result = stages.prepare(params, strict=not (params.data.skip_bad_images or record_bad), progress=True)
     for name, info in result.items():
         console.print(f"[green]{name}[/green]: {info['dir']} (version {info['version'][:12]})")
 
@@ -65,8 +69,9 @@ def validate(
     from tasks.validate import validate_stage
 
     report = validate_stage(_params(params_file, overrides), report_dir)  # raises on failure
-    console.print(Markdown(report.to_markdown()))
-    console.print(f"[green]{report.summary()}[/green] (report in {report_dir})")
+    for warning in report.warnings():
+        console.print(f"[yellow]warning:[/yellow] {warning.headline()}: {warning.details}", markup=False)
+    console.print(f"[green]{report.summary()}[/green] (report in {report_dir}/validation_report.md)")
 
 
 @app.command()

@@ -262,6 +262,7 @@ def _test_accuracy(model_dir: Path, test: Any, device: Any) -> float:
     from transfer.train import predict_proba
 
     model, meta = load_model_dir(model_dir)
+    model.to(device)  # predict_proba moves the images, not the model
     if list(meta.get("classes", test.classes)) != list(test.classes):
         raise TransferError(
             f"{model_dir} knows classes {meta.get('classes')}, the test split {test.classes}"

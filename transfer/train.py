@@ -115,7 +115,7 @@ def predict_proba(
 ) -> Tensor:
     """Class probabilities (N, K) on CPU, model in eval mode."""
     was_training = model.training
-    model.eval()
+    model.to(device).eval()  # a freshly loaded model sits on the CPU
     images, _ = _to_device(data, device)
     outputs = []
     for idx in _batches(len(data), batch_size, None):
