@@ -98,11 +98,12 @@ class FinetuneParams(OptimParams):
     labels_per_class: int = Field(10, ge=1, description="k labelled target images per class")
     last_k: int = Field(1, ge=1, description="blocks to unfreeze for strategy=last_k")
     body_lr_mult: float = Field(0.1, gt=0, le=1, description="body LR = lr * this (full)")
-    layer_decay: float = Field(1.0, gt=0, le=1, description="per-block LR decay, top block = 1")
+    layer_decay: float = Field(1.0, gt=0, le=1, description="per-block LR decay: block at depth d gets lr * decay**d")
     unfreeze_every: int = Field(2, ge=1, description="gradual: unfreeze one block per N epochs")
-    auto_head_max: int = Field(
-        10, ge=1, description="auto: <= this many labels/class -> head... see freezing.choose"
-    )
+    # auto: k <= auto_head_max -> head, k <= auto_last_k_max -> last_k, else full. On the
+    # default scenario head never beat last_k at any k (benchmarks/transfer_gain.py), so by
+    # default auto never picks it; raise auto_head_max when the body is big and data tiny.
+    auto_head_max: int = Field(0, ge=0, description="auto: <= this many labels/class -> head")
     auto_last_k_max: int = Field(50, ge=1, description="auto: <= this -> last_k, above -> full")
     l2sp_alpha: float = Field(0.01, ge=0)
     l2sp_beta: float = Field(0.01, ge=0)
