@@ -117,7 +117,31 @@ def pipeline_strategies(params: Params, ks: list[int], strategies: list[str], wo
             row[strategy] = {"accuracy": _accuracy(_load(trained), test, device), "seconds": time.perf_counter() - t0}
             print(f"k={k:>3} {strategy:<12} acc {row[strategy]['accuracy']:.4f}  ({row[strategy]['seconds']:.1f} s)", flush=True)
         out["k"][k] = row
+    out["no_labels"] = no_label_techniques(params, source.model_dir, params.runtime.seed)
     out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def no_label_techniques(params: Params, source_model_dir: str, seed: int) -> dict[str, Any]:
+    """Zero target labels: source-only vs DANN (unlabelled target), and zero-shot ConSE on
+    held-out digits {7, 8, 9} (seen: the other seven, k labels each) against chance."""
+    from transfer.models import load_model_dir
+    from transfer.techniques.dann import run_dann
+    from transfer.techniques.zeroshot import run_zero_shot
+
+    device = resolve_device(params.runtime.device)
+    test = stages._load(params, "target", "test")
+    source, _ = load_model_dir(source_model_dir)
+    out: dict[str, Any] = {"source_only": _accuracy(source, test, device)}
+    t0 = time.perf_counter()
+    p = params.model_copy(deep=True)
+    p.finetune.epochs = 5  # DANN walks the whole source set each epoch
+    dann, _ = run_dann(source, stages._load(params, "source", "train"), stages.unlabelled_target(params),
+                       stages._load(params, "target", "val"), p.finetune, device, seed)
+    out["dann"], out["dann_seconds"] = _accuracy(dann, test, device), time.perf_counter() - t0
+    zs, _ = run_zero_shot(load_model_dir(source_model_dir)[0], stages.target_splits(params)["train"], test,
+                          ["7", "8", "9"], params.finetune, device, seed)
+    out["zero_shot"], out["zero_shot_chance"] = zs["accuracy"], zs["chance"]
     return out
 
 
@@ -151,6 +175,16 @@ def markdown(ours: dict[str, Any], plain: dict[str, Any], strategies: list[str],
         f"(ratio {ours['pretrain_seconds'] / plain['pretrain_seconds']:.2f}x).",
         f"Whole pipeline part: {ours['seconds']:.0f} s; whole plain reference: {plain['seconds']:.0f} s.",
     ]
+    nl = ours.get("no_labels")
+    if nl:
+        lines += [
+            "",
+            "| no target labels | test accuracy |",
+            "|---|---|",
+            f"| source model as is (source-only) | {nl['source_only']:.3f} |",
+            f"| DANN, unlabelled target ({nl['dann_seconds']:.0f} s) | {nl['dann']:.3f} |",
+            f"| zero-shot ConSE on unseen digits 7, 8, 9 (chance {nl['zero_shot_chance']:.3f}) | {nl['zero_shot']:.3f} |",
+        ]
     return "\n".join(lines)
 
 
