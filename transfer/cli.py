@@ -252,8 +252,11 @@ def _print_mapping(title: str, data: dict[str, Any]) -> None:
     console.print(table)
 
 
-# Offline machines: no usage telemetry from the libraries (each would log a network error).
+# Offline machines: no usage telemetry from the libraries (each would log a network error);
+# the temporary Prefect API migrates its database on first use, which can outlast the 20 s
+# default start-up timeout on a 2-core machine.
 OFFLINE_ENV = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "GX_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
