@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -243,10 +242,6 @@ def train_baseline(
     params: Params, data: dict[str, Any], parent_run_id: str | None
 ) -> dict[str, Any]:
     return _train_target("scratch", params, data, None, parent_run_id)
-
-
-def clean_stage_dir(path: str | Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 pretrain_task = stage_task("pretrain-source", cache_key_fn=_pretrain_cache_key)(pretrain_source)

@@ -142,7 +142,7 @@ def finetune(
     chosen, reason = (strategy, "requested") if strategy else resolve_strategy(params)
     out = Path(out_dir)
     splits = target_splits(params)
-    _, source_meta = load_model_dir(source_model_dir)
+    _, source_meta = load_model_dir(source_model_dir)  # validates the dir: a clear error if broken
     device = resolve_device(params.runtime.device)
     ft = params.finetune
     if chosen == "head" and ft.feature_cache:
