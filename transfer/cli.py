@@ -220,8 +220,9 @@ def schedule(
     from flows.serve_schedule import validate_cron
 
     params = _params(params_file, overrides)
-    validate_cron(cron or params.schedule.cron)
-    serve_schedule(params, cron)
+    expression = validate_cron(cron or params.schedule.cron)
+    console.print(f"serving the retrain flow on '{expression}' (Ctrl-C to stop)")
+    serve_schedule(params_file, overrides or [], expression)
 
 
 @app.command()

@@ -7,6 +7,7 @@ way ``finish_pipeline_run`` does it; the report must find everything from the ru
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -95,7 +96,7 @@ def test_report_for_run_reads_the_run_sweeps_and_logs(tmp_path: Path, monkeypatc
         assert f'<section id="{anchor}">' in text
     assert run_id in text and summary["source_weights_sha256"] in text
     assert len(re.findall(r'<img src="data:image/png;base64,', text)) == 3
-    assert "k=1000 skipped" in text and "auto_head_max=10" in text
+    assert "k=1000 skipped" in text and html.escape(summary["strategy_reason"]) in text  # why auto chose it
     data = json.loads(paths["json"].read_text())
     assert data["datasets"]["target"]["labelled_budget"] == 50  # the run's k=5, not the default 10
     assert data["datasets"]["source"]["width"]["median"] == 16  # the run's image size
