@@ -1,8 +1,16 @@
 """One flow per training stage, for one deployment (and container) each; see prefect.yaml.
 
-They exchange only MLflow URIs and small dicts, so each can run on its own machine:
-    pretrain_flow -> {source_model_uri} -> finetune_flow -> {model URIs} -> evaluate_flow
-``flows/chained.py`` runs the three deployments in turn.
+They exchange only MLflow URIs and small JSON dicts, so each can run on its own machine
+with no shared disk (every stage re-versions the data itself: ``dvc repro prepare`` is a
+no-op where the data is already there):
+
+    pretrain_flow  -> {source_model_uri, ...}           (runs:/<run>/source_model)
+    finetune_flow(source_model_uri) -> handoff          (runs:/<run>/model_dir, for both models)
+    evaluate_flow(handoff)          -> promotion decision
+
+Flow names = deployment names: "pretrain/pretrain", "finetune/finetune",
+"evaluate/evaluate"; ``flows/chained.py`` runs the three deployments in turn.
+Results are persisted (JSON) so ``run_deployment``'s caller can read them.
 """
 
 from __future__ import annotations
@@ -14,71 +22,131 @@ from prefect import flow
 
 from tasks.data import version_data_task
 from tasks.evaluate import evaluate_task
-from tasks.pipeline_run import fail_pipeline_run, finish_pipeline_run, start_pipeline_run
+from tasks.pipeline_run import (
+    fail_pipeline_run, finish_pipeline_run, log_data_version, log_source_model, start_pipeline_run,
+)
 from tasks.promote import promote_task
+from tasks.retrain import changed_datasets, data_fingerprint
 from tasks.stage_io import fetch_model_dir, publish_model_dir
 from tasks.train import finetune_task, pretrain_task, scratch_task
 from tasks.validate_gate import validate_gate_task
 from transfer.config import load_params
+from transfer.errors import TransferError
+
+STAGE_RESULTS = {"persist_result": True, "result_serializer": "json", "log_prints": True}
 
 
-@flow(name="pretrain", persist_result=True, log_prints=True)
-def pretrain_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Version + validate the data, pretrain (or reuse) the source model, publish it."""
+@flow(name="pretrain", **STAGE_RESULTS)
+def pretrain_flow(
+    params_file: str = "params.yaml", overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Version + validate the data, pretrain (or reuse) the source model, publish it.
+
+    Returns ``{source_model_uri, weights_sha256, validation_passed, data, mlflow_run_id}``.
+    """
     params = load_params(params_file, overrides or [])
     run_id = start_pipeline_run(params, "stage: pretrain")
     report_dir = str(Path(params.runtime.artifacts_dir) / "validation" / run_id)
     try:
         data = version_data_task(params)
+        log_data_version(params, run_id, data)
         validation = validate_gate_task(params, data, report_dir, run_id)
         source = pretrain_task(params, data, run_id)
+        log_source_model(params, run_id, source)
         uri = publish_model_dir(params, run_id, source["model_dir"], "source_model")
     except BaseException as error:
         fail_pipeline_run(params, run_id, f"{type(error).__name__}: {error}", report_dir)
         raise
-    result = {"source_model_uri": uri, "weights_sha256": source["weights_sha256"],
-              "validation_passed": validation["passed"], "data": data}
-    finish_pipeline_run(params, run_id, {"stage": "pretrain", "source_model_uri": uri})
-    return result
+    result = {
+        "stage": "pretrain", "mlflow_run_id": run_id, "source_model_uri": uri,
+        "weights_sha256": source["weights_sha256"], "source_reused": source["reused"],
+        "validation_passed": validation["passed"], "data": data,
+    }
+    return finish_pipeline_run(params, run_id, result)
 
 
-@flow(name="finetune", persist_result=True, log_prints=True)
+@flow(name="finetune", **STAGE_RESULTS)
 def finetune_flow(
     source_model_uri: str, params_file: str = "params.yaml", overrides: list[str] | None = None
 ) -> dict[str, Any]:
-    """Fine-tune the published source model and train the scratch baseline; publish both."""
-    params = load_params(params_file, [*(overrides or []), f"pretrain.source_model={source_model_uri}"])
+    """Fine-tune the published source model (and train the scratch baseline); publish both.
+
+    Returns the hand-off for ``evaluate_flow``: ``{tuned: {model_uri, run_id, strategy,
+    reason}, scratch: {...} | None, source: {weights_sha256, origin}, data, mlflow_run_id}``.
+    """
+    overrides = [*(overrides or []), f"pretrain.source_model={source_model_uri}"]
+    params = load_params(params_file, overrides)
     run_id = start_pipeline_run(params, "stage: finetune")
     try:
         data = version_data_task(params)
+        log_data_version(params, run_id, data)
         source = pretrain_task(params, data, run_id)  # resolves the URI: downloads, never trains
+        log_source_model(params, run_id, source)
         tuned = finetune_task(params, data, source, run_id)
-        scratch = scratch_task(params, data, run_id)
         tuned["model_uri"] = publish_model_dir(params, tuned["run_id"], tuned["model_dir"], "model_dir")
-        scratch["model_uri"] = publish_model_dir(params, scratch["run_id"], scratch["model_dir"], "model_dir")
+        scratch = None
+        if params.finetune.scratch_baseline:
+            scratch = scratch_task(params, data, run_id)
+            scratch["model_uri"] = publish_model_dir(
+                params, scratch["run_id"], scratch["model_dir"], "model_dir"
+            )
     except BaseException as error:
         fail_pipeline_run(params, run_id, f"{type(error).__name__}: {error}")
         raise
-    finish_pipeline_run(params, run_id, {"stage": "finetune", "strategy": tuned["strategy"]})
-    return {"tuned": tuned, "scratch": scratch, "source": {**source, "origin": source_model_uri}, "data": data}
+    local = ("model_dir",)  # paths on this machine mean nothing to the next stage
+    result = {
+        "stage": "finetune", "mlflow_run_id": run_id,
+        "tuned": {k: v for k, v in tuned.items() if k not in local},
+        "scratch": {k: v for k, v in scratch.items() if k not in local} if scratch else None,
+        "source": {"weights_sha256": source["weights_sha256"], "origin": source_model_uri},
+        "data": data,
+    }
+    return finish_pipeline_run(params, run_id, result)
 
 
-@flow(name="evaluate", persist_result=True, log_prints=True)
+def _same_data(expected: dict[str, Any], data: dict[str, Any]) -> None:
+    changed = changed_datasets(data_fingerprint(expected), data_fingerprint(data))
+    if changed:
+        raise TransferError(
+            f"{' and '.join(changed)} data changed between the stages (this machine has another "
+            "version than the models were trained on): rerun the chain"
+        )
+
+
+@flow(name="evaluate", **STAGE_RESULTS)
 def evaluate_flow(
     handoff: dict[str, Any], validation_passed: bool = True, params_file: str = "params.yaml",
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the published models against scratch and the champion; gate the promotion."""
+    """Evaluate the published models against scratch and the champion; gate the promotion.
+
+    ``handoff`` is ``finetune_flow``'s result (its ``tuned.model_uri`` and
+    ``scratch.model_uri`` are downloaded from MLflow). Returns the promotion decision with
+    the test accuracies.
+    """
     params = load_params(params_file, overrides or [])
     run_id = start_pipeline_run(params, "stage: evaluate")
     try:
+        data = version_data_task(params)
+        _same_data(handoff["data"], data)
+        log_data_version(params, run_id, data)
         tuned = {**handoff["tuned"], "model_dir": fetch_model_dir(params, handoff["tuned"]["model_uri"])}
-        scratch = {**handoff["scratch"], "model_dir": fetch_model_dir(params, handoff["scratch"]["model_uri"])}
+        scratch = handoff.get("scratch")
+        if scratch:
+            scratch = {**scratch, "model_dir": fetch_model_dir(params, scratch["model_uri"])}
         evaluation = evaluate_task(params, tuned, scratch, run_id)
-        decision = promote_task(params, handoff["data"], handoff["source"], tuned, evaluation, validation_passed, run_id)
+        decision = promote_task(
+            params, data, handoff["source"], tuned, evaluation, validation_passed, run_id
+        )
     except BaseException as error:
         fail_pipeline_run(params, run_id, f"{type(error).__name__}: {error}")
         raise
-    summary = {"stage": "evaluate", "transfer_accuracy": evaluation["transfer"]["accuracy"],
-               "scratch_accuracy": evaluation["scratch"]["accuracy"], **decision}
+    summary = {
+        "stage": "evaluate", "mlflow_run_id": run_id,
+        "transfer_accuracy": evaluation["transfer"]["accuracy"],
+        "scratch_accuracy": evaluation.get("scratch", {}).get("accuracy"),
+        "gain": evaluation.get("gain", {}).get("gain"),
+        "negative_transfer": evaluation.get("gain", {}).get("negative_transfer"),
+        **decision,
+    }
     return finish_pipeline_run(params, run_id, summary)

@@ -51,14 +51,15 @@ def _stage_code_hash() -> str:
 
 
 def _pretrain_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """Prefect cache key: the source-model key + stage code, only once the model exists."""
+    """Prefect cache key: where the source model lives + stage code, once the model exists.
+
+    The resolved directory is part of the key: Prefect's result store is shared by every
+    project on the machine, and a cached result must point at this project's model."""
     params, data = parameters["params"], parameters["data"]
-    if (
-        params.pretrain.source_model
-        or not (source_dir(params, data) / "source_model" / "model.json").exists()
-    ):
+    model_json = source_dir(params, data) / "source_model" / "model.json"
+    if params.pretrain.source_model or not model_json.exists():
         return None
-    return f"pretrain-{_source_key(params, data)}-{_stage_code_hash()}"
+    return f"pretrain-{content_key(str(model_json.resolve()), _source_key(params, data))}-{_stage_code_hash()}"
 
 
 def _log_trained(client: Any, run_id: str, trained: stages.TrainedModel, plot_name: str) -> None:
@@ -175,19 +176,14 @@ def _train_target(
     strategy, reason = (
         stages.resolve_strategy(params) if kind == "finetune" else ("scratch", "baseline")
     )
-    key = content_key(
-        kind,
-        strategy,
-        params.finetune.model_dump(mode="json"),
-        params.pretrain.arch,
-        params.data.image_size,
-        params.data.channels,
-        params.runtime.seed,
-        data["target"]["version"],
-        source["weights_sha256"] if source else None,
-    )
-    out = Path(params.runtime.artifacts_dir) / kind / key
+    inputs = [
+        kind, strategy, params.finetune.model_dump(mode="json"), params.pretrain.arch,
+        params.data.image_size, params.data.channels, params.runtime.seed,
+        data["target"]["version"], source["weights_sha256"] if source else None,
+    ]
+    out = Path(params.runtime.artifacts_dir) / kind / content_key(*inputs)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "inputs.json").write_text(json.dumps(inputs, indent=1, default=str))  # what keyed this dir
     run_id = tracking.start_run(
         client, params, kind, parent_run_id, {"stage": kind, "strategy": strategy}
     )

@@ -23,7 +23,7 @@ from transfer.metrics import classification_report, plot_confusion_matrix, plot_
 from transfer.models import TransferNet, create_model, load_model_dir, save_model_dir, weights_sha256
 from transfer.feature_cache import FeatureCache, train_head_cached
 from transfer.techniques.gradual import GradualUnfreezing
-from transfer.train import fit, predict_proba, resolve_device
+from transfer.train import fit, predict_proba, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def pretrain(params: Params, out_dir: str | Path, *, progress: bool = True) -> T
     out = Path(out_dir)
     device = resolve_device(params.runtime.device)
     train, val = _load(params, "source", "train"), _load(params, "source", "val")
+    seed_everything(params.runtime.seed)  # the initial weights too, not only the batches
     model = create_model(
         params.pretrain.arch, len(train.classes), params.data.channels, weights=params.pretrain.weights
     )
@@ -149,6 +150,7 @@ def finetune(
         model, history, seconds = _head_on_cached_features(params, source_model_dir, splits, device)
     elif chosen in FREEZE_STRATEGIES:
         model, _ = load_model_dir(source_model_dir)
+        seed_everything(params.runtime.seed)  # the new head's init is part of the result
         model.reset_classifier(len(splits["train"].classes))
         groups = _freeze_and_groups(model, chosen, params)
         callbacks = [GradualUnfreezing(ft.unfreeze_every, ft.lr, ft.layer_decay)] if chosen == "gradual" else []
@@ -184,6 +186,7 @@ def _head_on_cached_features(
     deterministic in eval mode), at a fraction of the cost per epoch.
     """
     model, _ = load_model_dir(source_model_dir)
+    seed_everything(params.runtime.seed)
     model.reset_classifier(len(splits["train"].classes))
     freezing.apply_freeze(model, "head")
     cache = FeatureCache(Path(params.data.root) / ".cache" / "features")
@@ -255,6 +258,7 @@ def train_scratch(params: Params, out_dir: str | Path, *, progress: bool = True)
     """Baseline: the same architecture and target budget from random init."""
     out = Path(out_dir)
     splits = target_splits(params)
+    seed_everything(params.runtime.seed)
     model = create_model(params.pretrain.arch, len(splits["train"].classes), params.data.channels)
     device = resolve_device(params.runtime.device)
     result = fit(

@@ -119,3 +119,35 @@ def test_bad_override_fails_before_anything_runs(dvc_repo: Path) -> None:
     with pytest.raises(ConfigError, match="finetune.nope"):
         _run(["finetune.nope=1"])
     assert not (dvc_repo / "data").exists()
+
+
+def test_crash_in_finetune_leaves_registry_alone_and_rerun_resumes(
+    dvc_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transfer import stages
+    from transfer.train import CrashAfterEpoch
+
+    real_fit, calls, resumed = stages.fit, [], []
+
+    def flaky_fit(*args, **kwargs):
+        if not kwargs.get("desc", "").startswith("finetune"):
+            return real_fit(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:  # the machine dies after epoch 2 ...
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), CrashAfterEpoch(2)]
+        elif len(calls) <= 3:  # ... and the task's two retries find it still gone
+            raise RuntimeError("worker lost")
+        result = real_fit(*args, **kwargs)
+        resumed.append(result.resumed_from_epoch)
+        return result
+
+    monkeypatch.setattr(stages, "fit", flaky_fit)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        _run()
+    assert len(calls) == 3  # first try + 2 retries with backoff
+    client = MlflowClient()
+    assert client.search_model_versions(f"name='{NAME}'") == []  # nothing registered, no alias
+
+    summary = _run()  # rerun: source model reused, fine-tune resumes at its checkpoint
+    assert summary["source_reused"] and resumed == [2]
+    assert summary["promoted"] and _aliases(client) == {"champion": summary["model_version"]}

@@ -73,3 +73,11 @@ def test_evaluate_rejects_a_model_of_other_classes(tiny, tmp_path: Path) -> None
     other = save_model_dir(create_model("tiny_cnn", 3, 1), tmp_path / "m", {"classes": ["a", "b", "c"]})
     with pytest.raises(TransferError, match="classes"):
         stages.evaluate(params, other, tmp_path / "eval")
+
+
+def test_same_seed_same_source_model(tiny, tmp_path: Path) -> None:
+    """CPU runs with the same seed match bit for bit, whatever the process did before."""
+    params, source, _ = tiny
+    torch.manual_seed(12345)  # disturb the global RNG: the stage must seed its own init
+    again = stages.pretrain(params, tmp_path / "again", progress=False)
+    assert again.info["weights_sha256"] == source.info["weights_sha256"]
