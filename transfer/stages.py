@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from transfer import freezing
+from transfer import distributed, freezing
 from transfer.config import Params
 from transfer.data import ImageTensors, dataset_version, load_split, prepare_datasets, subsample_per_class
 from transfer.errors import TransferError
@@ -97,7 +97,7 @@ def pretrain(params: Params, out_dir: str | Path, *, progress: bool = True) -> T
     init = {"weights": params.pretrain.weights or "random", "sha256": weights_sha256(model.state_dict())}
     result = fit(
         model, train, val, params.pretrain, device=device, seed=params.runtime.seed,
-        checkpoint_dir=out / "checkpoints", progress=progress, desc="pretrain (source)",
+        checkpoint_dir=out / "checkpoints", distributed_data_parallel=params.runtime.distributed, progress=progress, desc="pretrain (source)",
     )
     test = _load(params, "source", "test")
     report = classification_report(predict_proba(model, test, device), test.labels, test.classes)
@@ -107,7 +107,7 @@ def pretrain(params: Params, out_dir: str | Path, *, progress: bool = True) -> T
         source_test_accuracy=report["accuracy"],
     )
     model_dir = out / "source_model"
-    save_model_dir(model.cpu(), model_dir, meta)
+    _save_on_main(model, model_dir, meta)
     saved = json.loads((model_dir / "model.json").read_text())
     return TrainedModel(
         str(model_dir), "pretrain", "source", _history(result), result.seconds,
@@ -156,7 +156,7 @@ def finetune(
         callbacks = [GradualUnfreezing(ft.unfreeze_every, ft.lr, ft.layer_decay)] if chosen == "gradual" else []
         result = fit(
             model, splits["train"], splits["val"], ft, device=device, seed=params.runtime.seed,
-            param_groups=groups, callbacks=callbacks, checkpoint_dir=out / "checkpoints",
+            param_groups=groups, callbacks=callbacks, checkpoint_dir=out / "checkpoints", distributed_data_parallel=params.runtime.distributed,
             progress=progress, desc=f"finetune ({chosen})",
         )
         history, seconds = _history(result), result.seconds
@@ -241,6 +241,13 @@ def _run_technique(
     return model, history, time.perf_counter() - started
 
 
+def _save_on_main(model: torch.nn.Module, model_dir: Path, meta: dict[str, Any]) -> None:
+    """Under DDP every rank holds the same weights: rank 0 writes, the others wait."""
+    if distributed.is_main():
+        save_model_dir(model.cpu(), model_dir, meta)
+    distributed.barrier()
+
+
 def _save_any(model: torch.nn.Module, model_dir: Path, meta: dict[str, Any]) -> None:
     """TransferNet, or a progressive net (rebuilt from its source column's arch on load)."""
     from transfer.techniques.progressive import ProgressiveNet
@@ -251,7 +258,7 @@ def _save_any(model: torch.nn.Module, model_dir: Path, meta: dict[str, Any]) -> 
         meta = {**meta, "technique": "progressive", "num_source_classes": source.num_classes}
     elif not isinstance(model, TransferNet):
         raise TransferError(f"strategy {meta.get('strategy')} produced a {type(model).__name__}, which cannot be exported")
-    save_model_dir(model.cpu(), model_dir, meta)
+    _save_on_main(model, model_dir, meta)
 
 
 def train_scratch(params: Params, out_dir: str | Path, *, progress: bool = True) -> TrainedModel:
@@ -263,11 +270,11 @@ def train_scratch(params: Params, out_dir: str | Path, *, progress: bool = True)
     device = resolve_device(params.runtime.device)
     result = fit(
         model, splits["train"], splits["val"], params.finetune, device=device, seed=params.runtime.seed,
-        checkpoint_dir=out / "checkpoints", progress=progress, desc="scratch baseline",
+        checkpoint_dir=out / "checkpoints", distributed_data_parallel=params.runtime.distributed, progress=progress, desc="scratch baseline",
     )
     meta = _model_meta(params, model, splits["train"].classes, stage="scratch", strategy="scratch")
     model_dir = out / "model"
-    save_model_dir(model.cpu(), model_dir, meta)
+    _save_on_main(model, model_dir, meta)
     return TrainedModel(str(model_dir), "scratch", "scratch", _history(result), result.seconds)
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transfer import distributed
 from transfer.config import OptimParams
 from transfer.data import ImageTensors, random_shift, to_float
 from transfer.errors import TransferError
@@ -172,16 +173,21 @@ def _train_one_epoch(
     device: torch.device,
     extra_loss: LossFn | None,
     on_batch: Callable[[], None],
+    forward: nn.Module | None = None,
 ) -> tuple[float, float]:
+    """One pass over the data. ``forward`` is the DDP wrapper when distributed: every rank
+    draws and augments the same global batch, then trains on its own slice of it."""
     model.train()
+    forward = forward or model
+    split = distributed.shard if forward is not model else (lambda t: t)
     total_loss, correct, seen = 0.0, 0, 0
     for idx in _batches(len(labels), cfg.batch_size, generator):
         x = to_float(images[idx])  # (B, C, H, W) float in [-1, 1]
         if cfg.augment:
             x = random_shift(x, 2, generator=generator)
-        y = labels[idx]
+        x, y = split(x), split(labels[idx])
         with autocast_for(device):
-            logits = model(x)
+            logits = forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             if extra_loss is not None:
                 loss = loss + extra_loss(model, x, y, logits)
@@ -192,6 +198,7 @@ def _train_one_epoch(
         correct += (logits.argmax(dim=1) == y).sum().item()
         seen += len(y)
         on_batch()
+    total_loss, correct, seen = distributed.all_reduce_sum([total_loss, correct, seen], device)
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
@@ -209,12 +216,18 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     desc: str = "train",
+    distributed_data_parallel: bool = False,
 ) -> FitResult:
     """Train ``model`` in place with AdamW + cosine LR; resume from ``checkpoint_dir/last.pt``."""
     if len(train) == 0:
         raise TransferError(f"{desc}: the training split is empty")
     seed_everything(seed)
     model.to(device)
+    forward = None
+    if distributed_data_parallel:
+        distributed.init(device)
+        forward = distributed.wrap(model, device)
+        progress = progress and distributed.is_main()
     optimizer = _make_optimizer(model, cfg, param_groups)
     steps = max(cfg.epochs, 1)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -235,7 +248,8 @@ def fit(
                 cb.on_epoch_start(epoch, model, optimizer)
             lr = optimizer.param_groups[0]["lr"]
             loss, acc = _train_one_epoch(
-                model, images, labels, cfg, optimizer, generator, device, extra_loss, bar.advance_batch
+                model, images, labels, cfg, optimizer, generator, device, extra_loss, bar.advance_batch,
+                forward,
             )
             scheduler.step()
             val_loss, val_acc = _evaluate(model, val, device) if val is not None and len(val) else (None, None)
@@ -244,9 +258,10 @@ def fit(
             if val_acc is not None:
                 result.best_val_acc = max(result.best_val_acc or 0.0, val_acc)
             bar.end_epoch(stats)
-            if ckpt is not None:
+            if ckpt is not None and distributed.is_main():
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 _save_checkpoint(ckpt, _checkpoint_state(epoch, model, optimizer, scheduler, generator, result))
+            distributed.barrier()
             for cb in callbacks:
                 cb.on_epoch_end(stats, model)
     result.seconds = time.perf_counter() - started
