@@ -83,7 +83,11 @@ def pretrain(
     """Train the backbone on the source dataset (resumes from the last checkpoint)."""
     from transfer import stages
 
+    from transfer import distributed
+
     trained = stages.pretrain(_params(params_file, overrides), out)
+    if not distributed.is_main():
+        return  # under torchrun, rank 0 reports
     _write_json(metrics, {**trained.info, "seconds": trained.seconds})
     console.print(f"source model: {trained.model_dir} (source test accuracy {trained.info['source_test_accuracy']:.4f})")
 
