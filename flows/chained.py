@@ -4,10 +4,10 @@ waits and passes the MLflow URIs along:
 
     pretrain/pretrain -> finetune/finetune(source_model_uri) -> evaluate/evaluate(handoff)
 
-Stage results travel through Prefect's result storage (the stage flows persist them as
-JSON). With workers on several machines that storage must be shared: set
+Stage results travel through Prefect's result storage (the stage flows persist them). With
+workers on several machines that storage must be shared: set
 ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK`` (e.g. an S3/GCS/remote-file-system block) or mount
-the same volume at ``PREFECT_LOCAL_STORAGE_PATH`` in every job; see docs/scheduling.md.
+one volume at ``PREFECT_RESULTS_LOCAL_STORAGE_PATH`` in every job; see docs/scheduling.md.
 
 ``deploy_stages`` registers the four deployments for a local *process* work pool (what the
 Prefect-server test and docs/scheduling.md use); prefect.yaml does the same for Docker.
@@ -46,11 +46,13 @@ def run_stage(name: str, parameters: dict[str, Any], timeout_s: float | None) ->
             f"(state {state.name if state else 'unknown'}); is a worker polling its work pool?"
         )
     if not state.is_completed():
-        raise TransferError(f"deployment {name}: flow run {flow_run.name} ended {state.name}: {state.message}")
+        raise TransferError(
+            f"deployment {name}: flow run {flow_run.name} ended {state.name}: {state.message}"
+        )
     return state.result()
 
 
-@flow(name="chained-pipeline", log_prints=True)
+@flow(name="chained-pipeline", persist_result=True, log_prints=True)
 def chained_pipeline(
     params_file: str = "params.yaml", overrides: list[str] | None = None,
     stage_timeout_s: float | None = 6 * 3600,

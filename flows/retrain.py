@@ -20,7 +20,8 @@ from tasks.retrain import should_retrain_task
 from transfer.config import load_params
 
 
-@flow(name="retrain", log_prints=True)
+# Result persisted so a deployment run's caller (run_deployment, the UI) can read the decision.
+@flow(name="retrain", persist_result=True, log_prints=True)
 def retrain_flow(
     params_file: str = "params.yaml", overrides: list[str] | None = None, force: bool = False
 ) -> dict[str, Any]:

@@ -56,7 +56,8 @@ def serve_kwargs(
             "overrides": list(overrides or []),
             "force": False,
         },
-        "description": "Retrain when the data version differs from the champion's, then gate the promotion.",
+        "description": "Retrain when the data version differs from the champion's, "
+        "then gate the promotion like any pipeline run.",
         "tags": ["transfer", "retrain"],
     }
 

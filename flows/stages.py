@@ -1,6 +1,6 @@
 """One flow per training stage, for one deployment (and container) each; see prefect.yaml.
 
-They exchange only MLflow URIs and small JSON dicts, so each can run on its own machine
+They exchange only MLflow URIs and small dicts, so each can run on its own machine
 with no shared disk (every stage re-versions the data itself: ``dvc repro prepare`` is a
 no-op where the data is already there):
 
@@ -10,7 +10,7 @@ no-op where the data is already there):
 
 Flow names = deployment names: "pretrain/pretrain", "finetune/finetune",
 "evaluate/evaluate"; ``flows/chained.py`` runs the three deployments in turn.
-Results are persisted (JSON) so ``run_deployment``'s caller can read them.
+Results are persisted so ``run_deployment``'s caller can read them.
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ from tasks.validate_gate import validate_gate_task
 from transfer.config import load_params
 from transfer.errors import TransferError
 
-STAGE_RESULTS = {"persist_result": True, "result_serializer": "json", "log_prints": True}
+# Persisted (pickle, Prefect's default) so run_deployment's caller can read them. Not JSON:
+# Prefect 3.8.8 misreads a bare JSON flow result that has a "data" key as its legacy
+# result-blob format (ResultRecord.deserialize) and returns that key's value instead.
+STAGE_RESULTS = {"persist_result": True, "log_prints": True}
 
 
 @flow(name="pretrain", **STAGE_RESULTS)
@@ -83,7 +86,9 @@ def finetune_flow(
         source = pretrain_task(params, data, run_id)  # resolves the URI: downloads, never trains
         log_source_model(params, run_id, source)
         tuned = finetune_task(params, data, source, run_id)
-        tuned["model_uri"] = publish_model_dir(params, tuned["run_id"], tuned["model_dir"], "model_dir")
+        tuned["model_uri"] = publish_model_dir(
+            params, tuned["run_id"], tuned["model_dir"], "model_dir"
+        )
         scratch = None
         if params.finetune.scratch_baseline:
             scratch = scratch_task(params, data, run_id)
@@ -130,7 +135,8 @@ def evaluate_flow(
         data = version_data_task(params)
         _same_data(handoff["data"], data)
         log_data_version(params, run_id, data)
-        tuned = {**handoff["tuned"], "model_dir": fetch_model_dir(params, handoff["tuned"]["model_uri"])}
+        tuned = handoff["tuned"]
+        tuned = {**tuned, "model_dir": fetch_model_dir(params, tuned["model_uri"])}
         scratch = handoff.get("scratch")
         if scratch:
             scratch = {**scratch, "model_dir": fetch_model_dir(params, scratch["model_uri"])}

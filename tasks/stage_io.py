@@ -1,7 +1,8 @@
 """Hand-off between stage flows that may run in separate containers: MLflow artifact URIs.
 
 A stage publishes its model directory as artifacts of its MLflow run and passes on the
-``runs:/<run_id>/<path>`` URI; the next stage downloads it. No shared disk is assumed.
+``runs:/<run_id>/<path>`` URI; the next stage downloads it. No shared disk is assumed, only
+the same MLflow tracking server (``MLFLOW_TRACKING_URI``).
 """
 
 from __future__ import annotations
@@ -10,25 +11,32 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from prefect import task
 
 from tasks import tracking
+from tasks.common import stage_task
 from transfer.config import Params
 from transfer.errors import TransferError
 
 
-@task(name="publish-model-dir", retries=2, retry_delay_seconds=5)
-def publish_model_dir(params: Params, run_id: str, model_dir: str, artifact_path: str) -> str:
+def publish(params: Params, run_id: str, model_dir: str | Path, artifact_path: str) -> str:
+    """Log ``model_dir`` (model.pt + model.json) under ``artifact_path`` of run ``run_id``."""
+    if not (Path(model_dir) / "model.json").exists():
+        raise TransferError(f"{model_dir} is not a model directory (no model.json)")
     client = tracking.configure(params)
-    client.log_artifacts(run_id, model_dir, artifact_path)
+    client.log_artifacts(run_id, str(model_dir), artifact_path)
     return f"runs:/{run_id}/{artifact_path}"
 
 
-@task(name="fetch-model-dir", retries=2, retry_delay_seconds=5)
-def fetch_model_dir(params: Params, uri: str) -> str:
+def fetch(params: Params, uri: str) -> str:
+    """Download ``uri`` into a fresh temporary dir; the model directory inside it."""
     tracking.configure(params)
-    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(prefix="stage-")))
+    destination = tempfile.mkdtemp(prefix="stage-")
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=destination))
     found = sorted(p.parent for p in local.rglob("model.json"))
     if not found:
         raise TransferError(f"{uri} holds no transfer model (model.json)")
     return str(found[0])
+
+
+publish_model_dir = stage_task("publish-model-dir")(publish)
+fetch_model_dir = stage_task("fetch-model-dir")(fetch)

@@ -23,7 +23,7 @@ from transfer.metrics import classification_report, plot_confusion_matrix, plot_
 from transfer.models import TransferNet, create_model, load_model_dir, save_model_dir, weights_sha256
 from transfer.feature_cache import FeatureCache, train_head_cached
 from transfer.techniques.gradual import GradualUnfreezing
-from transfer.train import fit, predict_proba, resolve_device, seed_everything
+from transfer.train import fit, predict_proba, runtime_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _history(result: Any) -> list[dict[str, Any]]:
 def pretrain(params: Params, out_dir: str | Path, *, progress: bool = True) -> TrainedModel:
     """Train the backbone on the source task; checkpoints let a crashed run resume."""
     out = Path(out_dir)
-    device = resolve_device(params.runtime.device)
+    device = runtime_device(params.runtime)
     train, val = _load(params, "source", "train"), _load(params, "source", "val")
     seed_everything(params.runtime.seed)  # the initial weights too, not only the batches
     model = create_model(
@@ -144,7 +144,7 @@ def finetune(
     out = Path(out_dir)
     splits = target_splits(params)
     _, source_meta = load_model_dir(source_model_dir)  # validates the dir: a clear error if broken
-    device = resolve_device(params.runtime.device)
+    device = runtime_device(params.runtime)
     ft = params.finetune
     if chosen == "head" and ft.feature_cache:
         model, history, seconds = _head_on_cached_features(params, source_model_dir, splits, device)
@@ -267,7 +267,7 @@ def train_scratch(params: Params, out_dir: str | Path, *, progress: bool = True)
     splits = target_splits(params)
     seed_everything(params.runtime.seed)
     model = create_model(params.pretrain.arch, len(splits["train"].classes), params.data.channels)
-    device = resolve_device(params.runtime.device)
+    device = runtime_device(params.runtime)
     result = fit(
         model, splits["train"], splits["val"], params.finetune, device=device, seed=params.runtime.seed,
         checkpoint_dir=out / "checkpoints", distributed_data_parallel=params.runtime.distributed, progress=progress, desc="scratch baseline",
@@ -288,7 +288,7 @@ def evaluate(params: Params, model_dir: str | Path, out_dir: str | Path, *, name
         raise TransferError(
             f"model {model_dir} knows classes {meta['classes']} but the target test split has {test.classes}"
         )
-    device = resolve_device(params.runtime.device)
+    device = runtime_device(params.runtime)
     probs = predict_proba(model, test, device)
     report = classification_report(probs, test.labels, test.classes, params.evaluate.calibration_bins)
     report["n_test"] = len(test)

@@ -1,14 +1,23 @@
 """The training loop shared by pretraining, fine-tuning and the from-scratch baseline.
 
 Data lives in memory as uint8 tensors (``ImageTensors``), so an epoch is a shuffled
-walk over index batches: no DataLoader workers, no re-decoding. The loop checkpoints
-every epoch (model, optimizer, scheduler, RNG state) and resumes from the last
-checkpoint, giving the same final weights as an uninterrupted run with the same seed.
+walk over index batches: no DataLoader workers, no re-decoding. On CUDA each split is
+copied to the GPU once (through pinned memory) and batches are gathered, converted and
+augmented there; the loop syncs with the host once per epoch. The loop checkpoints
+every epoch (model, optimizer, scheduler, loss scaler, RNG state) and resumes from the
+last checkpoint, giving the same final weights as an uninterrupted run with the same seed.
+
+Devices (``runtime.device: auto|cpu|cuda``): CPU trains in float32 and is bit-for-bit
+reproducible for a seed. CUDA trains under autocast (bf16 where the GPU has it, else
+fp16 with a GradScaler) with cuDNN autotuning: fast, not bit-reproducible. Conv nets train
+in channels_last on both (the saved weights are contiguous again). Data-parallel
+training (DDP under torchrun): see ``distributed``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 import time
@@ -23,11 +32,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transfer import distributed
-from transfer.config import OptimParams
+from transfer.config import OptimParams, RuntimeParams
 from transfer.data import ImageTensors, random_shift, to_float
 from transfer.errors import TransferError
 
 LossFn = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
+
+# A split is kept on the GPU when it takes less than this share of the free GPU memory;
+# a bigger one stays in host memory and each batch is copied through pinned memory.
+_RESIDENT_SHARE = 0.4
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -39,17 +52,44 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def set_num_threads(num_threads: int) -> None:
+    """``torch.set_num_threads`` when ``num_threads > 0`` (0 keeps torch's default)."""
+    if num_threads > 0 and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+
+
+def runtime_device(runtime: RuntimeParams) -> torch.device:
+    """The device the ``runtime`` params ask for, after applying ``runtime.num_threads``."""
+    set_num_threads(runtime.num_threads)
+    return resolve_device(runtime.device)
+
+
 def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (CPU and every CUDA device) RNGs."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bf16 on CUDA GPUs that have it (Ampere+), else fp16; None on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (no loss scaler needed); full precision on CPU for reproducibility."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Mixed precision on CUDA (see :func:`amp_dtype`); full precision on CPU (reproducible)."""
+    dtype = amp_dtype(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def uses_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """Conv nets train in channels_last: cuDNN's NHWC kernels under CUDA autocast, and
+    oneDNN's on CPU (1.6x faster for small_cnn on 2 cores, benchmarks/train_speed.py)."""
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 @dataclass
@@ -98,16 +138,66 @@ class CrashAfterEpoch(Callback):
             raise RuntimeError(f"simulated crash after epoch {self.epoch}")
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[Tensor]:
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    yield from order.split(batch_size)
+# --------------------------------------------------------------------------- data placement
 
 
-def _to_device(data: ImageTensors, device: torch.device) -> tuple[Tensor, Tensor]:
-    images, labels = data.images, data.labels
-    if device.type == "cuda":
-        images, labels = images.pin_memory(), labels.pin_memory()
-    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+def _resident_on(device: torch.device, nbytes: int) -> bool:
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= _RESIDENT_SHARE * free
+
+
+class _Split:
+    """A split placed for batch gathering: one uint8 tensor on the device when it fits
+    (copied once through pinned memory), else in host memory with per-batch copies."""
+
+    def __init__(self, data: ImageTensors, device: torch.device) -> None:
+        self.device = device
+        self.n = len(data)
+        self.cpu_labels = data.labels
+        images, labels = data.images, data.labels
+        self.resident = images.device.type == device.type or _resident_on(device, images.nbytes)
+        if device.type == "cuda":
+            if images.device.type == "cpu" and self.resident:
+                images = images.pin_memory()
+            if labels.device.type == "cpu":
+                labels = labels.pin_memory()
+        self.images = images.to(device, non_blocking=True) if self.resident else images
+        self.labels = labels.to(device, non_blocking=True)  # (N,) int64: always small
+        self.index_device = device if self.resident else torch.device("cpu")
+
+    def gather(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 images (B, C, H, W) and labels (B,) on the device; ``idx`` on index_device."""
+        if self.resident:
+            return self.images[idx], self.labels[idx]
+        images = self.images[idx].pin_memory().to(self.device, non_blocking=True)
+        return images, self.labels[idx.to(self.device, non_blocking=True)]
+
+    def slice(self, start: int, stop: int) -> Tensor:
+        images = self.images[start:stop]
+        if not self.resident:
+            images = images.pin_memory().to(self.device, non_blocking=True)
+        return images
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> tuple[Tensor, ...]:
+    """A shuffled epoch's index batches, drawn on the CPU generator (the same order on every
+    device and rank), moved to ``device`` in one copy."""
+    order = torch.randperm(n, generator=generator)
+    if device.type != "cpu":
+        order = order.to(device, non_blocking=True)
+    return order.split(batch_size)
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, split: _Split, device: torch.device, batch_size: int) -> Tensor:
+    outputs = []
+    for start in range(0, split.n, batch_size):
+        with autocast_for(device):
+            logits = model(to_float(split.slice(start, start + batch_size)))  # (B, K)
+        outputs.append(logits.float().softmax(dim=1))
+    return torch.cat(outputs).cpu() if outputs else torch.empty(0, 0)
 
 
 @torch.no_grad()
@@ -117,23 +207,27 @@ def predict_proba(
     """Class probabilities (N, K) on CPU, model in eval mode."""
     was_training = model.training
     model.to(device).eval()  # a freshly loaded model sits on the CPU
-    images, _ = _to_device(data, device)
-    outputs = []
-    for idx in _batches(len(data), batch_size, None):
-        with autocast_for(device):
-            logits = model(to_float(images[idx]))
-        outputs.append(logits.float().softmax(dim=1).cpu())
-    model.train(was_training)
-    return torch.cat(outputs) if outputs else torch.empty(0, 0)
+    try:
+        return _predict(model, _Split(data, device), device, batch_size)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, data: ImageTensors, device: torch.device) -> tuple[float, float]:
-    probs = predict_proba(model, data, device)
-    labels = data.labels
+def _evaluate(model: nn.Module, split: _Split, device: torch.device) -> tuple[float, float]:
+    was_training = model.training
+    model.eval()
+    try:
+        probs = _predict(model, split, device, 512)
+    finally:
+        model.train(was_training)
+    labels = split.cpu_labels
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
     acc = (probs.argmax(dim=1) == labels).float().mean().item()
     return loss, acc
+
+
+# --------------------------------------------------------------------------- optimisation
 
 
 def _make_optimizer(
@@ -147,59 +241,76 @@ def _make_optimizer(
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    # Write then rename, so a crash during the save keeps the previous checkpoint intact.
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+@dataclass
+class _Loop:
+    """What one training step needs besides the batch."""
+
+    model: nn.Module
+    forward: nn.Module  # the model, or its DDP wrapper
+    cfg: OptimParams
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    shuffle: torch.Generator  # CPU: batch order
+    augment: torch.Generator  # on the device: augmentation offsets (the shuffle one on CPU)
+    scaler: Any = None  # torch.amp.GradScaler for fp16, else None
+    channels_last: bool = False
+    world: int = 1  # > 1: this rank trains on its shard of every global batch
+    extra_loss: LossFn | None = None
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}
+def _train_one_epoch(loop: _Loop, data: _Split, on_batch: Callable[[], None]) -> tuple[float, float]:
+    """One pass over the data; (mean loss, accuracy) over all ranks, one host sync.
 
-
-def _restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["shuffle"])
-
-
-def _train_one_epoch(
-    model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    cfg: OptimParams,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    device: torch.device,
-    extra_loss: LossFn | None,
-    on_batch: Callable[[], None],
-    forward: nn.Module | None = None,
-) -> tuple[float, float]:
-    """One pass over the data. ``forward`` is the DDP wrapper when distributed: every rank
-    draws and augments the same global batch, then trains on its own slice of it."""
-    model.train()
-    forward = forward or model
-    split = distributed.shard if forward is not model else (lambda t: t)
-    total_loss, correct, seen = 0.0, 0, 0
-    for idx in _batches(len(labels), cfg.batch_size, generator):
-        x = to_float(images[idx])  # (B, C, H, W) float in [-1, 1]
+    Under DDP every rank draws and augments the same global batch, then trains on its
+    shard. The loss is the shard's summed loss times ``world / global batch``, so DDP's
+    gradient average is the gradient of the global batch's mean loss, as in one process.
+    """
+    cfg, device, world = loop.cfg, loop.device, loop.world
+    loop.forward.train()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, correct
+    seen = 0
+    for idx in _batches(data.n, cfg.batch_size, loop.shuffle, data.index_device):
+        if len(idx) < world:
+            continue  # a last global batch too small to give every rank a sample
+        images, y = data.gather(idx)
+        x = to_float(images)  # (B, C, H, W) float in [-1, 1]
         if cfg.augment:
-            x = random_shift(x, 2, generator=generator)
-        x, y = split(x), split(labels[idx])
+            x = random_shift(x, 2, generator=loop.augment)
+        if world > 1:
+            x, y = distributed.shard(x), distributed.shard(y)
+        if loop.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast_for(device):
-            logits = forward(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            if extra_loss is not None:
-                loss = loss + extra_loss(model, x, y, logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.item() * len(y)
-        correct += (logits.argmax(dim=1) == y).sum().item()
+            logits = loop.forward(x)  # (b, K)
+            if world > 1:
+                ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum")
+                loss, reported = ce * (world / len(idx)), ce.detach().double()
+            else:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                reported = loss.detach().double() * len(y)
+            if loop.extra_loss is not None:
+                extra = loop.extra_loss(loop.model, x, y, logits)
+                loss = loss + extra
+                reported = reported + extra.detach().double() * len(y)
+        loop.optimizer.zero_grad(set_to_none=True)
+        if loop.scaler is not None:
+            loop.scaler.scale(loss).backward()
+            loop.scaler.step(loop.optimizer)
+            loop.scaler.update()
+        else:
+            loss.backward()
+            loop.optimizer.step()
+        sums[0] += reported
+        sums[1] += (logits.argmax(dim=1) == y).sum()
         seen += len(y)
         on_batch()
-    total_loss, correct, seen = distributed.all_reduce_sum([total_loss, correct, seen], device)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+    totals = torch.cat([sums, torch.tensor([seen], dtype=torch.float64, device=device)])
+    total_loss, correct, seen_all = distributed.all_reduce_sum(totals, device) if world > 1 else totals.tolist()
+    return total_loss / max(seen_all, 1), correct / max(seen_all, 1)
+
+
+def _trainable(model: nn.Module) -> tuple[str, ...]:
+    return tuple(name for name, p in model.named_parameters() if p.requires_grad)
 
 
 def fit(
@@ -218,88 +329,134 @@ def fit(
     desc: str = "train",
     distributed_data_parallel: bool = False,
 ) -> FitResult:
-    """Train ``model`` in place with AdamW + cosine LR; resume from ``checkpoint_dir/last.pt``."""
+    """Train ``model`` in place with AdamW + cosine LR; resume from ``checkpoint_dir/last.pt``.
+
+    CPU: float32, bit-for-bit reproducible for a seed. CUDA: autocast (bf16, or fp16 with a
+    GradScaler), channels_last for conv nets, data resident on the GPU. With
+    ``distributed_data_parallel`` (under torchrun) the model is wrapped in DDP, each global
+    batch is split across ranks, metrics are summed over ranks and only rank 0 writes
+    checkpoints and draws the progress bar.
+    """
     if len(train) == 0:
         raise TransferError(f"{desc}: the training split is empty")
     seed_everything(seed)
-    model.to(device)
-    forward = None
     if distributed_data_parallel:
         distributed.init(device)
-        forward = distributed.wrap(model, device)
         progress = progress and distributed.is_main()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    model.to(device)
+    channels_last = uses_channels_last(model, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     optimizer = _make_optimizer(model, cfg, param_groups)
-    steps = max(cfg.epochs, 1)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    generator = torch.Generator().manual_seed(seed)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    shuffle = torch.Generator().manual_seed(seed)
+    augment = shuffle if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype(device) == torch.float16 else None
+    loop = _Loop(model, model, cfg, optimizer, device, shuffle, augment, scaler, channels_last,
+                 distributed.world_size() if distributed_data_parallel else 1, extra_loss)
     result = FitResult()
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     start_epoch = 1
     for cb in callbacks:
         cb.on_train_start(model, optimizer)
     if ckpt is not None and ckpt.exists():
-        start_epoch = _resume(ckpt, model, optimizer, scheduler, generator, result, callbacks)
-    images, labels = _to_device(train, device)
+        start_epoch = _resume(ckpt, loop, scheduler, result, callbacks)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_split = _Split(train, device)
+    val_split = _Split(val, device) if val is not None and len(val) else None
+    wrapped_for: tuple[str, ...] | None = None
     started = time.perf_counter()
-    with _progress(progress, desc, cfg.epochs - start_epoch + 1, len(labels), cfg.batch_size) as bar:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            for cb in callbacks:
-                cb.on_epoch_start(epoch, model, optimizer)
-            lr = optimizer.param_groups[0]["lr"]
-            loss, acc = _train_one_epoch(
-                model, images, labels, cfg, optimizer, generator, device, extra_loss, bar.advance_batch,
-                forward,
-            )
-            scheduler.step()
-            val_loss, val_acc = _evaluate(model, val, device) if val is not None and len(val) else (None, None)
-            stats = EpochStats(epoch, loss, acc, val_loss, val_acc, lr, time.perf_counter() - t0)
-            result.history.append(stats)
-            if val_acc is not None:
-                result.best_val_acc = max(result.best_val_acc or 0.0, val_acc)
-            bar.end_epoch(stats)
-            if ckpt is not None and distributed.is_main():
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                _save_checkpoint(ckpt, _checkpoint_state(epoch, model, optimizer, scheduler, generator, result))
-            distributed.barrier()
-            for cb in callbacks:
-                cb.on_epoch_end(stats, model)
+    try:
+        with _progress(progress, desc, cfg.epochs - start_epoch + 1, len(train), cfg.batch_size) as bar:
+            for epoch in range(start_epoch, cfg.epochs + 1):
+                t0 = time.perf_counter()
+                for cb in callbacks:
+                    cb.on_epoch_start(epoch, model, optimizer)
+                if distributed_data_parallel and _trainable(model) != wrapped_for:
+                    # DDP syncs the parameters that were trainable when it was built: wrap
+                    # again when a callback (gradual unfreezing) changed the set.
+                    loop.forward = model
+                    gc.collect()  # the old wrapper's gradient hooks go with it
+                    loop.forward, wrapped_for = distributed.wrap(model, device), _trainable(model)
+                lr = optimizer.param_groups[0]["lr"]
+                loss, acc = _train_one_epoch(loop, train_split, bar.advance_batch)
+                if distributed_data_parallel:
+                    distributed.sync_buffers(model)  # every rank evaluates and saves one model
+                scheduler.step()
+                val_loss, val_acc = _evaluate(model, val_split, device) if val_split else (None, None)
+                stats = EpochStats(epoch, loss, acc, val_loss, val_acc, lr, time.perf_counter() - t0)
+                result.history.append(stats)
+                if val_acc is not None:
+                    result.best_val_acc = max(result.best_val_acc or 0.0, val_acc)
+                bar.end_epoch(stats)
+                if ckpt is not None and distributed.is_main():
+                    ckpt.parent.mkdir(parents=True, exist_ok=True)
+                    _save_checkpoint(ckpt, _checkpoint_state(epoch, loop, scheduler, result))
+                distributed.barrier()  # no rank resumes from a checkpoint rank 0 is still writing
+                for cb in callbacks:
+                    cb.on_epoch_end(stats, model)
+    finally:
+        loop.forward = model
+        if channels_last:  # saved weights keep the usual layout, whatever trained them
+            model.to(memory_format=torch.contiguous_format)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _checkpoint_state(
-    epoch: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    generator: torch.Generator,
-    result: FitResult,
-) -> dict[str, Any]:
-    return {
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    # Write then rename, so a crash during the save keeps the previous checkpoint intact.
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state(loop: _Loop) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "shuffle": loop.shuffle.get_state()}
+    if loop.augment is not loop.shuffle:
+        state["augment"] = loop.augment.get_state()
+    if loop.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(loop.device)
+    return state
+
+
+def _restore_rng(state: dict[str, Any], loop: _Loop) -> None:
+    torch.set_rng_state(state["torch"])
+    loop.shuffle.set_state(state["shuffle"])
+    # A checkpoint from another device kind lacks (or has extra) device RNG state: the run
+    # goes on with the freshly seeded device generators.
+    if "augment" in state and loop.augment is not loop.shuffle:
+        loop.augment.set_state(state["augment"])
+    if "cuda" in state and loop.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], loop.device)
+
+
+def _checkpoint_state(epoch: int, loop: _Loop, scheduler: Any, result: FitResult) -> dict[str, Any]:
+    state = {
         "epoch": epoch,
-        "model": model.state_dict(),
-        "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
-        "optimizer": optimizer.state_dict(),
+        "model": {k: v.contiguous() for k, v in loop.model.state_dict().items()},
+        "trainable": list(_trainable(loop.model)),
+        "optimizer": loop.optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(generator),
+        "rng": _rng_state(loop),
         "history": [s.as_dict() for s in result.history],
     }
+    if loop.scaler is not None:
+        state["scaler"] = loop.scaler.state_dict()
+    return state
 
 
-def _resume(
-    ckpt: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    generator: torch.Generator,
-    result: FitResult,
-    callbacks: Sequence[Callback],
-) -> int:
+def _resume(ckpt: Path, loop: _Loop, scheduler: Any, result: FitResult, callbacks: Sequence[Callback]) -> int:
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as error:  # a torn file from a crash mid-save: start over, say so
         raise TransferError(f"checkpoint {ckpt} is unreadable ({error}); delete it to restart") from None
+    model, optimizer = loop.model, loop.optimizer
     model.load_state_dict(state["model"])
     # Gradual unfreezing grows the optimizer: replay the epoch-start hooks up to the
     # checkpoint so the param groups match before loading the optimizer state.
@@ -308,12 +465,17 @@ def _resume(
             cb.on_epoch_start(epoch, model, optimizer)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(state["rng"], generator)
+    if loop.scaler is not None and "scaler" in state:
+        loop.scaler.load_state_dict(state["scaler"])
+    _restore_rng(state["rng"], loop)
     result.history = [EpochStats(**s) for s in state["history"]]
     vals = [s.val_acc for s in result.history if s.val_acc is not None]
     result.best_val_acc = max(vals) if vals else None
     result.resumed_from_epoch = state["epoch"]
     return state["epoch"] + 1
+
+
+# --------------------------------------------------------------------------- progress
 
 
 class _NoBar:

@@ -94,3 +94,102 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(TransferError, match="unreadable"):
         fit(create_model("tiny_cnn", 3, 1), _toy(), None, _cfg(), device=CPU, seed=0, progress=False,
             checkpoint_dir=tmp_path)
+
+
+def test_checkpoint_holds_everything_to_resume(tmp_path: Path) -> None:
+    fit(create_model("tiny_cnn", 3, 1), _toy(), None, _cfg(epochs=2), device=CPU, seed=0, progress=False,
+        checkpoint_dir=tmp_path)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    assert {"model", "optimizer", "scheduler", "rng"} <= set(state)
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "last.pt"]  # written atomically: no .tmp left
+    # a finished run resumes to "nothing left to do" with its history intact
+    result = fit(create_model("tiny_cnn", 3, 1), _toy(), None, _cfg(epochs=2), device=CPU, seed=0,
+                 progress=False, checkpoint_dir=tmp_path)
+    assert result.resumed_from_epoch == 2 and len(result.history) == 2
+
+
+def test_cpu_runs_full_precision_and_leaves_contiguous_weights() -> None:
+    from transfer.train import amp_dtype, autocast_for, uses_channels_last
+
+    model = create_model("tiny_cnn", 3, 1)
+    assert amp_dtype(CPU) is None and uses_channels_last(model, CPU)
+    assert not uses_channels_last(torch.nn.Linear(4, 2), CPU)  # nothing to gain without convs
+    with autocast_for(CPU):
+        assert model(torch.zeros(2, 1, 8, 8)).dtype == torch.float32
+    fit(model, _toy(), None, _cfg(epochs=1), device=CPU, seed=0, progress=False)
+    # trained in channels_last, handed back in the usual layout (what save/export expect)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_runtime_params_pick_device_and_threads() -> None:
+    from transfer.config import RuntimeParams
+    from transfer.train import runtime_device
+
+    before = torch.get_num_threads()
+    try:
+        assert runtime_device(RuntimeParams(device="cpu", num_threads=1)) == CPU
+        assert torch.get_num_threads() == 1
+        runtime_device(RuntimeParams(device="cpu", num_threads=0))  # 0 = leave torch's default alone
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------- CUDA (skipped on CPU)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU = torch.device("cuda") if torch.cuda.is_available() else None
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_training_learns_and_leaves_a_plain_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", 3, 1)
+    result = fit(model, _toy(), _toy(seed=1), _cfg(epochs=15), device=GPU, seed=0, progress=False,
+                 checkpoint_dir=tmp_path)
+    assert result.best_val_acc >= 0.9
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_cuda and conv.weight.is_contiguous()  # channels_last only while training
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert "augment" in state["rng"] and "cuda" in state["rng"]
+    probs = predict_proba(model, _toy(n=10), GPU)
+    assert probs.device.type == "cpu" and probs.shape == (10, 3)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_resume_after_crash_matches(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    init = create_model("tiny_cnn", 3, 1).state_dict()
+    straight = create_model("tiny_cnn", 3, 1)
+    straight.load_state_dict(init)
+    fit(straight, _toy(), None, _cfg(), device=GPU, seed=3, progress=False)
+    crashed = create_model("tiny_cnn", 3, 1)
+    crashed.load_state_dict(init)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(crashed, _toy(), None, _cfg(), device=GPU, seed=3, progress=False, checkpoint_dir=tmp_path,
+            callbacks=[CrashAfterEpoch(2)])
+    resumed = create_model("tiny_cnn", 3, 1)
+    fit(resumed, _toy(), None, _cfg(), device=GPU, seed=3, progress=False, checkpoint_dir=tmp_path)
+    # same batches and augmentation offsets (device generator restored); cuDNN may pick
+    # other kernels, so close rather than bit-equal
+    for x, y in zip(_weights(straight), _weights(resumed)):
+        assert torch.allclose(x.float(), y.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_fp16_scaler_and_host_resident_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Older GPUs (no bf16) train in fp16 with a GradScaler; a split too big for the GPU
+    stays in host memory and is copied per batch: both still learn."""
+    import transfer.train as train_module
+
+    monkeypatch.setattr(train_module, "amp_dtype", lambda device: torch.float16)
+    monkeypatch.setattr(train_module, "_RESIDENT_SHARE", 0.0)
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", 3, 1)
+    result = fit(model, _toy(), _toy(seed=1), _cfg(epochs=15), device=GPU, seed=0, progress=False)
+    assert result.best_val_acc >= 0.9
