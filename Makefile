@@ -29,6 +29,8 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/transfer_gain.py
 	$(BIN)/python benchmarks/pipeline_overhead.py
+	$(BIN)/python benchmarks/feature_cache.py
+	$(BIN)/python benchmarks/train_speed.py
 
 ui-mlflow: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000

@@ -32,8 +32,11 @@ def tracking_uri(params: Params) -> str:
     return f"sqlite:///{Path(MLRUNS).resolve() / 'mlflow.db'}"
 
 
-def artifact_root() -> str:
-    return (Path(MLRUNS).resolve() / "artifacts").as_uri()
+def artifact_root(sqlite_uri: str) -> str:
+    """``artifacts/`` beside the sqlite file, so the store and its artifacts stay together
+    whatever directory the first run started in (``mlruns/artifacts`` by default)."""
+    db_path = Path(sqlite_uri.removeprefix("sqlite:///"))  # "sqlite:////abs" -> "/abs"
+    return (db_path.resolve().parent / "artifacts").as_uri()
 
 
 def configure(params: Params) -> MlflowClient:
@@ -43,7 +46,7 @@ def configure(params: Params) -> MlflowClient:
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri, uri)
     if client.get_experiment_by_name(params.runtime.experiment) is None:
-        location = artifact_root() if uri.startswith("sqlite:") else None
+        location = artifact_root(uri) if uri.startswith("sqlite:///") else None
         try:
             client.create_experiment(params.runtime.experiment, artifact_location=location)
         except mlflow.exceptions.MlflowException:
