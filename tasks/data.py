@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock
 
 from tasks.common import stage_task
 from transfer import stages
@@ -86,20 +87,29 @@ def version_data(
         log.warning(
             "data.* overrides differ from params.yaml: preparing outside DVC (untracked data)"
         )
-    if use_dvc:
-        run_dvc("repro", "prepare", root=root)
-    else:
-        # The core reuses a dataset whose recipe (data params, fonts) is unchanged.
-        stages.prepare(params, strict=False, progress=progress)
-    md5 = dvc_lock_versions(root) if use_dvc else {}
-    result: dict[str, Any] = {"dvc": use_dvc}
-    for name, directory in stages.dataset_dirs(params).items():
-        result[name] = {
-            "dir": str(directory),
-            "version": dataset_version(directory),
-            "dvc_md5": md5.get(name),
-        }
+    with _prepare_lock(params):
+        if use_dvc:
+            run_dvc("repro", "prepare", root=root)
+        else:
+            # The core reuses a dataset whose recipe (data params, fonts) is unchanged.
+            stages.prepare(params, strict=False, progress=progress)
+        md5 = dvc_lock_versions(root) if use_dvc else {}
+        result: dict[str, Any] = {"dvc": use_dvc}
+        for name, directory in stages.dataset_dirs(params).items():
+            result[name] = {
+                "dir": str(directory),
+                "version": dataset_version(directory),
+                "dvc_md5": md5.get(name),
+            }
     return result
+
+
+def _prepare_lock(params: Params) -> FileLock:
+    """One run at a time prepares and versions the data of a workspace: a second run waits
+    (DVC would fail it with "is busy"), then finds the data prepared and goes on."""
+    cache = Path(params.data.root) / ".cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(cache / "prepare.lock"), timeout=3600)
 
 
 @stage_task("version-data")

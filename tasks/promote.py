@@ -39,10 +39,11 @@ class Gate:
 
 
 def _lock(params: Params) -> FileLock:
-    Path(tracking.MLRUNS).mkdir(exist_ok=True)
-    return FileLock(
-        str(Path(tracking.MLRUNS) / f".promote-{params.promote.model_name}.lock"), timeout=600
-    )
+    """Serialises promotions and rollbacks of one model on one local store (runs started
+    from any directory). Against a tracking server it only covers runs on this machine."""
+    folder = tracking.store_dir(tracking.tracking_uri(params))
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f".promote-{params.promote.model_name}.lock"), timeout=600)
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:

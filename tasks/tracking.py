@@ -6,6 +6,7 @@ Runs are addressed by id through ``MlflowClient`` rather than MLflow's fluent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from filelock import FileLock
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
@@ -32,11 +34,20 @@ def tracking_uri(params: Params) -> str:
     return f"sqlite:///{Path(MLRUNS).resolve() / 'mlflow.db'}"
 
 
+def store_dir(uri: str) -> Path:
+    """The local folder of a sqlite store (the database's folder); ``mlruns/`` otherwise.
+
+    Artifacts and the promotion lock live there, so they stay with the store whatever
+    directory a run starts in.
+    """
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).resolve().parent  # "sqlite:////abs" -> "/abs"
+    return Path(MLRUNS).resolve()
+
+
 def artifact_root(sqlite_uri: str) -> str:
-    """``artifacts/`` beside the sqlite file, so the store and its artifacts stay together
-    whatever directory the first run started in (``mlruns/artifacts`` by default)."""
-    db_path = Path(sqlite_uri.removeprefix("sqlite:///"))  # "sqlite:////abs" -> "/abs"
-    return (db_path.resolve().parent / "artifacts").as_uri()
+    """``artifacts/`` beside the sqlite file (``mlruns/artifacts`` by default)."""
+    return (store_dir(sqlite_uri) / "artifacts").as_uri()
 
 
 def configure(params: Params) -> MlflowClient:
@@ -44,14 +55,23 @@ def configure(params: Params) -> MlflowClient:
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    client = MlflowClient(uri, uri)
-    if client.get_experiment_by_name(params.runtime.experiment) is None:
-        location = artifact_root(uri) if uri.startswith("sqlite:///") else None
-        try:
+    with _store_init_lock(uri):
+        client = MlflowClient(uri, uri)
+        client.search_registered_models(max_results=1)  # opens (and creates) the registry tables too
+        if client.get_experiment_by_name(params.runtime.experiment) is None:
+            location = artifact_root(uri) if uri.startswith("sqlite:///") else None
             client.create_experiment(params.runtime.experiment, artifact_location=location)
-        except mlflow.exceptions.MlflowException:
-            pass  # another run created it concurrently
     return client
+
+
+def _store_init_lock(uri: str) -> contextlib.AbstractContextManager:
+    """Two runs opening a new sqlite store at once would both create its schema (an alembic
+    error for one of them): let one process at a time open a local store."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()  # a tracking server creates its own schema once
+    folder = store_dir(uri)
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / ".store-init.lock"), timeout=600)
 
 
 def experiment_id(client: MlflowClient, params: Params) -> str:

@@ -34,3 +34,22 @@ def test_default_store_is_mlruns_in_the_working_directory(
     uri = tracking.tracking_uri(params)
     assert uri == f"sqlite:///{tmp_path.resolve() / 'mlruns' / 'mlflow.db'}"
     assert tracking.artifact_root(uri) == (tmp_path.resolve() / "mlruns" / "artifacts").as_uri()
+
+
+def test_promotion_lock_lives_with_the_store_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.promote import _lock
+
+    store = tmp_path / "store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    params = params_from_dict({})
+    locks = []
+    for cwd in ("a", "b"):  # two runs started from different directories
+        (tmp_path / cwd).mkdir()
+        monkeypatch.chdir(tmp_path / cwd)
+        locks.append(_lock(params))
+    assert locks[0].lock_file == locks[1].lock_file == str(store / ".promote-digits-transfer.lock")
+    with locks[0]:
+        with pytest.raises(TimeoutError):  # filelock.Timeout is a TimeoutError
+            locks[1].acquire(timeout=0.2)
