@@ -55,13 +55,20 @@ def configure(params: Params) -> MlflowClient:
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if (uri, params.runtime.experiment) in _ready:  # every task calls this: set up once
+        return MlflowClient(uri, uri)
     with _store_init_lock(uri):
         client = MlflowClient(uri, uri)
         client.search_registered_models(max_results=1)  # opens (and creates) the registry tables too
         if client.get_experiment_by_name(params.runtime.experiment) is None:
             location = artifact_root(uri) if uri.startswith("sqlite:///") else None
             client.create_experiment(params.runtime.experiment, artifact_location=location)
+    _ready.add((uri, params.runtime.experiment))
     return client
+
+
+# (tracking URI, experiment) pairs this process has set up
+_ready: set[tuple[str, str]] = set()
 
 
 def _store_init_lock(uri: str) -> contextlib.AbstractContextManager:
