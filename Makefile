@@ -30,6 +30,7 @@ bench: install
 	$(BIN)/python benchmarks/transfer_gain.py
 	$(BIN)/python benchmarks/pipeline_overhead.py
 	$(BIN)/python benchmarks/feature_cache.py
+	$(BIN)/python benchmarks/multitask_tasks.py
 	$(BIN)/python benchmarks/train_speed.py
 
 ui-mlflow: install
