@@ -62,7 +62,10 @@ def configure(params: Params) -> MlflowClient:
         client.search_registered_models(max_results=1)  # opens (and creates) the registry tables too
         if client.get_experiment_by_name(params.runtime.experiment) is None:
             location = artifact_root(uri) if uri.startswith("sqlite:///") else None
-            client.create_experiment(params.runtime.experiment, artifact_location=location)
+            try:
+                client.create_experiment(params.runtime.experiment, artifact_location=location)
+            except mlflow.exceptions.MlflowException:
+                pass  # another run created it meanwhile (a tracking server has no local lock)
     _ready.add((uri, params.runtime.experiment))
     return client
 
