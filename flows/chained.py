@@ -67,7 +67,7 @@ def chained_pipeline(
     handoff = run_stage(
         FINETUNE, {**common, "source_model_uri": pretrained["source_model_uri"]}, stage_timeout_s
     )
-    print(f"fine-tuned model: {handoff['tuned']['model_uri']}")
+    print("fine-tuned models: " + ", ".join(t["model_uri"] for t in handoff["tuned_runs"]))
     decision = run_stage(
         EVALUATE,
         {**common, "handoff": handoff, "validation_passed": pretrained["validation_passed"]},
@@ -76,8 +76,8 @@ def chained_pipeline(
     return {
         **decision,
         "source_model_uri": pretrained["source_model_uri"],
-        "transfer_model_uri": handoff["tuned"]["model_uri"],
-        "scratch_model_uri": (handoff.get("scratch") or {}).get("model_uri"),
+        "transfer_model_uris": [t["model_uri"] for t in handoff["tuned_runs"]],
+        "scratch_model_uris": [t["model_uri"] for t in handoff.get("scratch_runs") or []],
     }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow
 
 from tasks.data import version_data_task
+from tasks.evaluate import evaluate_summary as evaluation_summary
 from tasks.evaluate import evaluate_task
 from tasks.pipeline_run import (
     fail_pipeline_run, finish_pipeline_run, log_data_version, log_source_model, start_pipeline_run,
@@ -36,9 +37,12 @@ def transfer_pipeline(
         validation = validate_gate_task(params, data, report_dir, run_id)
         source = pretrain_task(params, data, run_id)
         log_source_model(params, run_id, source)
-        tuned = finetune_task(params, data, source, run_id)
-        scratch = scratch_task(params, data, run_id) if params.finetune.scratch_baseline else None
-        evaluation = evaluate_task(params, tuned, scratch, run_id)
+        seeds = params.seeds()  # each trained seed is its own nested run; val picks one
+        tuned_runs = [finetune_task(params.with_seed(s), data, source, run_id) for s in seeds]
+        scratch_runs = ([scratch_task(params.with_seed(s), data, run_id) for s in seeds]
+                        if params.finetune.scratch_baseline else [])
+        evaluation = evaluate_task(params, tuned_runs, scratch_runs, run_id)
+        tuned = evaluation["selected"]
         decision = promote_task(params, data, source, tuned, evaluation, validation["passed"], run_id)
     except BaseException as error:
         fail_pipeline_run(params, run_id, f"{type(error).__name__}: {error}", report_dir)
@@ -50,10 +54,7 @@ def transfer_pipeline(
         "strategy": tuned["strategy"], "strategy_reason": tuned["reason"],
         "labels_per_class": params.finetune.labels_per_class,
         "source_reused": source["reused"], "source_weights_sha256": source["weights_sha256"],
-        "transfer_accuracy": evaluation["transfer"]["accuracy"],
-        "scratch_accuracy": evaluation.get("scratch", {}).get("accuracy"),
-        "gain": evaluation.get("gain", {}).get("gain"),
-        "negative_transfer": evaluation.get("gain", {}).get("negative_transfer"),
+        **evaluation_summary(evaluation),
         "model_name": decision["model_name"], "model_version": decision["version"],
         "promoted": decision["promoted"], "promotion_reason": decision["reason"],
     }

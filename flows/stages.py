@@ -21,6 +21,7 @@ from typing import Any
 from prefect import flow
 
 from tasks.data import version_data_task
+from tasks.evaluate import evaluate_summary as evaluation_summary
 from tasks.evaluate import evaluate_task
 from tasks.pipeline_run import (
     fail_pipeline_run, finish_pipeline_run, log_data_version, log_source_model, start_pipeline_run,
@@ -74,8 +75,9 @@ def finetune_flow(
 ) -> dict[str, Any]:
     """Fine-tune the published source model (and train the scratch baseline); publish both.
 
-    Returns the hand-off for ``evaluate_flow``: ``{tuned: {model_uri, run_id, strategy,
-    reason}, scratch: {...} | None, source: {weights_sha256, origin}, data, mlflow_run_id}``.
+    Every seed of ``params.seeds()`` is trained and published. Returns the hand-off for
+    ``evaluate_flow``: ``{tuned_runs: [{model_uri, run_id, seed, val_accuracy, strategy,
+    reason}, ...], scratch_runs: [...], source: {weights_sha256, origin}, data, mlflow_run_id}``.
     """
     overrides = [*(overrides or []), f"pretrain.source_model={source_model_uri}"]
     params = load_params(params_file, overrides)
@@ -85,24 +87,22 @@ def finetune_flow(
         log_data_version(params, run_id, data)
         source = pretrain_task(params, data, run_id)  # resolves the URI: downloads, never trains
         log_source_model(params, run_id, source)
-        tuned = finetune_task(params, data, source, run_id)
-        tuned["model_uri"] = publish_model_dir(
-            params, tuned["run_id"], tuned["model_dir"], "model_dir"
-        )
-        scratch = None
-        if params.finetune.scratch_baseline:
-            scratch = scratch_task(params, data, run_id)
-            scratch["model_uri"] = publish_model_dir(
-                params, scratch["run_id"], scratch["model_dir"], "model_dir"
-            )
+        tuned_runs = [finetune_task(params.with_seed(s), data, source, run_id) for s in params.seeds()]
+        scratch_runs = ([scratch_task(params.with_seed(s), data, run_id) for s in params.seeds()]
+                        if params.finetune.scratch_baseline else [])
+        for trained in (*tuned_runs, *scratch_runs):
+            trained["model_uri"] = publish_model_dir(params, trained["run_id"], trained["model_dir"], "model_dir")
     except BaseException as error:
         fail_pipeline_run(params, run_id, f"{type(error).__name__}: {error}")
         raise
-    local = ("model_dir",)  # paths on this machine mean nothing to the next stage
+
+    def portable(trained: dict[str, Any]) -> dict[str, Any]:  # local paths mean nothing elsewhere
+        return {k: v for k, v in trained.items() if k != "model_dir"}
+
     result = {
         "stage": "finetune", "mlflow_run_id": run_id,
-        "tuned": {k: v for k, v in tuned.items() if k not in local},
-        "scratch": {k: v for k, v in scratch.items() if k not in local} if scratch else None,
+        "tuned_runs": [portable(t) for t in tuned_runs],
+        "scratch_runs": [portable(t) for t in scratch_runs],
         "source": {"weights_sha256": source["weights_sha256"], "origin": source_model_uri},
         "data": data,
     }
@@ -125,9 +125,9 @@ def evaluate_flow(
 ) -> dict[str, Any]:
     """Evaluate the published models against scratch and the champion; gate the promotion.
 
-    ``handoff`` is ``finetune_flow``'s result (its ``tuned.model_uri`` and
-    ``scratch.model_uri`` are downloaded from MLflow). Returns the promotion decision with
-    the test accuracies.
+    ``handoff`` is ``finetune_flow``'s result (every seed's ``model_uri`` is downloaded from
+    MLflow; the seed registered is chosen on val). Returns the promotion decision with the
+    test accuracies.
     """
     params = load_params(params_file, overrides or [])
     run_id = start_pipeline_run(params, "stage: evaluate")
@@ -135,24 +135,19 @@ def evaluate_flow(
         data = version_data_task(params)
         _same_data(handoff["data"], data)
         log_data_version(params, run_id, data)
-        tuned = handoff["tuned"]
-        tuned = {**tuned, "model_dir": fetch_model_dir(params, tuned["model_uri"])}
-        scratch = handoff.get("scratch")
-        if scratch:
-            scratch = {**scratch, "model_dir": fetch_model_dir(params, scratch["model_uri"])}
-        evaluation = evaluate_task(params, tuned, scratch, run_id)
+        tuned_runs = [{**t, "model_dir": fetch_model_dir(params, t["model_uri"])} for t in handoff["tuned_runs"]]
+        scratch_runs = [{**t, "model_dir": fetch_model_dir(params, t["model_uri"])}
+                        for t in handoff.get("scratch_runs") or []]
+        evaluation = evaluate_task(params, tuned_runs, scratch_runs, run_id)
         decision = promote_task(
-            params, data, handoff["source"], tuned, evaluation, validation_passed, run_id
+            params, data, handoff["source"], evaluation["selected"], evaluation, validation_passed, run_id
         )
     except BaseException as error:
         fail_pipeline_run(params, run_id, f"{type(error).__name__}: {error}")
         raise
     summary = {
         "stage": "evaluate", "mlflow_run_id": run_id,
-        "transfer_accuracy": evaluation["transfer"]["accuracy"],
-        "scratch_accuracy": evaluation.get("scratch", {}).get("accuracy"),
-        "gain": evaluation.get("gain", {}).get("gain"),
-        "negative_transfer": evaluation.get("gain", {}).get("negative_transfer"),
+        **evaluation_summary(evaluation),
         **decision,
     }
     return finish_pipeline_run(params, run_id, summary)

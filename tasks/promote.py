@@ -1,8 +1,10 @@
 """Stage 6: register the fine-tuned model and move the ``champion`` alias through gates.
 
 Gates (all must hold): validation passed; test accuracy >= ``promote.accuracy_floor``;
-beats the current champion on the same test set by >= ``promote.min_delta`` (first
-model: floor only); beats the from-scratch baseline (no negative transfer).
+better than the current champion on the same test images by >= ``promote.min_delta`` and
+significantly (exact McNemar p < ``promote.alpha``; first model: floor only); with
+``promote.require_beats_scratch``, significantly better than the scratch baseline. A rejected
+version is tagged with the reason, quoting the paired difference, its 95% CI and p.
 
 Atomicity: the version is fully logged and registered before any alias moves; aliases
 move last, ``previous`` before ``champion``, so a crash at any point leaves ``champion``
@@ -12,7 +14,10 @@ so two runs never both compare against the same old champion.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks import tracking
 from tasks.common import stage_task
-from transfer import stages
+from transfer import stages, stats
 from transfer.config import Params
 from transfer.errors import TransferError
 
@@ -53,74 +58,62 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
         return None
 
 
-def download_model_dir(uri: str) -> Path:
-    """The transfer model dir (model.json + model.pt) inside a registered model's artifacts."""
-    local = Path(
-        mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(prefix="champion-"))
-    )
-    found = sorted(p.parent for p in local.rglob("model.json"))
-    if not found:
-        raise TransferError(f"{uri} holds no transfer model (model.json)")
-    return found[0]
-
-
-def champion_accuracy(
-    params: Params, client: MlflowClient, champion: Any, out_dir: Path
-) -> tuple[float | None, str]:
-    """Re-score the champion on today's test set so the comparison is like for like."""
-    model_dir = download_model_dir(f"models:/{params.promote.model_name}/{champion.version}")
+@contextlib.contextmanager
+def downloaded_model_dir(uri: str) -> Iterator[Path]:
+    """The transfer model dir (model.json + model.pt) inside a registered model's artifacts,
+    in a temporary folder that is removed afterwards."""
+    tmp = tempfile.mkdtemp(prefix="champion-")
     try:
-        report = stages.evaluate(params, model_dir, out_dir, name=f"champion_v{champion.version}")
-    except TransferError as error:  # different class set: cannot compare on this test set
-        return None, str(error)
-    return report[
-        "accuracy"
-    ], f"champion v{champion.version} scores {report['accuracy']:.4f} on this test set"
+        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp))
+        found = sorted(p.parent for p in local.rglob("model.json"))
+        if not found:
+            raise TransferError(f"{uri} holds no transfer model (model.json)")
+        yield found[0]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def champion_report(
+    params: Params, champion: Any, out_dir: Path
+) -> tuple[dict[str, Any] | None, str]:
+    """Re-score the champion on today's test holdout so the comparison is paired, like for like."""
+    with downloaded_model_dir(f"models:/{params.promote.model_name}/{champion.version}") as model_dir:
+        try:
+            report = stages.evaluate(params, model_dir, out_dir, name=f"champion_v{champion.version}", plots=False)
+        except TransferError as error:  # different class set: cannot compare on this test set
+            return None, str(error)
+    return report, f"champion v{champion.version} scores {report['accuracy']:.4f} on this test set"
 
 
 def decide(
     params: Params,
-    accuracy: float,
+    challenger: dict[str, Any],
     validation_passed: bool,
-    scratch_accuracy: float | None,
-    champion_acc: float | None,
+    gain: dict[str, Any] | None,
+    versus_champion: stats.PairedComparison | None,
     champion_note: str,
 ) -> list[Gate]:
+    """The promotion gates. Every comparison is paired on the test holdout: the challenger
+    must be better by >= min_delta *and* significantly (exact McNemar p < alpha)."""
     p = params.promote
+    accuracy = challenger["accuracy"]
+    low, high = challenger["accuracy_ci"]
     gates = [
-        Gate(
-            "validation",
-            validation_passed,
-            "data validation passed" if validation_passed else "data validation failed",
-        ),
-        Gate(
-            "accuracy_floor",
-            accuracy >= p.accuracy_floor,
-            f"test accuracy {accuracy:.4f} vs floor {p.accuracy_floor}",
-        ),
+        Gate("validation", validation_passed,
+             "data validation passed" if validation_passed else "data validation failed"),
+        Gate("accuracy_floor", accuracy >= p.accuracy_floor,
+             f"test accuracy {accuracy:.4f} (95% CI [{low:.3f}, {high:.3f}]) vs floor {p.accuracy_floor}"),
     ]
-    if champion_acc is not None:
-        gates.append(
-            Gate(
-                "beats_champion",
-                accuracy >= champion_acc + p.min_delta,
-                f"{accuracy:.4f} vs champion {champion_acc:.4f} + min_delta {p.min_delta}",
-            )
-        )
+    if versus_champion is not None:
+        better = versus_champion.better(p.alpha, p.min_delta)
+        verdict = "beats champion" if better else "kept champion"
+        gates.append(Gate("beats_champion", better,
+                          f"{verdict}: {versus_champion.describe()} (needs >= {p.min_delta:+.3f}, p < {p.alpha})"))
     else:
-        gates.append(
-            Gate(
-                "beats_champion", True, f"no comparable champion ({champion_note or 'first model'})"
-            )
-        )
-    if p.require_beats_scratch and scratch_accuracy is not None:
-        gates.append(
-            Gate(
-                "beats_scratch",
-                accuracy > scratch_accuracy,
-                f"{accuracy:.4f} vs scratch baseline {scratch_accuracy:.4f}",
-            )
-        )
+        gates.append(Gate("beats_champion", True, f"no comparable champion ({champion_note or 'first model'})"))
+    if p.require_beats_scratch and gain is not None:
+        gates.append(Gate("beats_scratch", gain["significant"],
+                          f"vs scratch: {gain['described']} ({gain['verdict']})"))
     return gates
 
 
@@ -152,11 +145,17 @@ def promote_model(
 ) -> dict[str, Any]:
     client = tracking.configure(params)
     name = params.promote.model_name
-    accuracy = evaluation["transfer"]["accuracy"]
+    challenger = evaluation["transfer"]
+    accuracy = challenger["accuracy"]
     scratch_acc = evaluation.get("scratch", {}).get("accuracy")
+    gain = evaluation.get("gain")
     tags = {
         "test_accuracy": accuracy,
+        "test_accuracy_ci": "[{:.4f}, {:.4f}]".format(*challenger["accuracy_ci"]),
         "scratch_accuracy": scratch_acc,
+        "transfer_gain": gain["described"] if gain else None,
+        "seed": tuned.get("seed"),
+        "temperature": challenger.get("temperature"),
         "strategy": tuned["strategy"],
         "data.source.version": data["source"]["version"],
         "data.target.version": data["target"]["version"],
@@ -170,12 +169,12 @@ def promote_model(
     with _lock(params):
         version = _register(params, tuned, tags)
         champion = alias_version(client, name, CHAMPION)
-        champ_acc, note = (None, "")
+        champ_report, note, versus = None, "", None
         if champion is not None:
-            champ_acc, note = champion_accuracy(
-                params, client, champion, Path(evaluation["out_dir"])
-            )
-        gates = decide(params, accuracy, validation_passed, scratch_acc, champ_acc, note)
+            champ_report, note = champion_report(params, champion, Path(evaluation["out_dir"]))
+        if champ_report is not None:
+            versus = stats.compare_paired(challenger["correct"], champ_report["correct"])
+        gates = decide(params, challenger, validation_passed, gain, versus, note)
         promoted = all(g.passed for g in gates)
         if promoted:
             if champion is not None:
@@ -191,7 +190,8 @@ def promote_model(
         "promoted": promoted,
         "reason": "all gates passed" if promoted else reason,
         "previous_champion": champion.version if champion is not None else None,
-        "champion_accuracy": champ_acc,
+        "champion_accuracy": champ_report["accuracy"] if champ_report else None,
+        "versus_champion": versus.to_json() if versus else None,
         "gates": [asdict(g) for g in gates],
     }
     tracking.log_json(client, parent_run_id, decision, "promotion/decision.json")

@@ -177,7 +177,7 @@ def _train_target(
         stages.resolve_strategy(params) if kind == "finetune" else ("scratch", "baseline")
     )
     inputs = [
-        kind, strategy, params.finetune.model_dump(mode="json"), params.pretrain.arch,
+        kind, strategy, params.finetune.model_dump(mode="json", exclude={"seeds"}), params.pretrain.arch,
         params.data.image_size, params.data.channels, params.runtime.seed,
         data["target"]["version"], source["weights_sha256"] if source else None,
     ]
@@ -185,7 +185,8 @@ def _train_target(
     out.mkdir(parents=True, exist_ok=True)
     (out / "inputs.json").write_text(json.dumps(inputs, indent=1, default=str))  # what keyed this dir
     run_id = tracking.start_run(
-        client, params, kind, parent_run_id, {"stage": kind, "strategy": strategy}
+        client, params, f"{kind} seed {params.runtime.seed}", parent_run_id,
+        {"stage": kind, "strategy": strategy, "seed": str(params.runtime.seed)},
     )
     try:
         with FileLock(str(out) + ".lock"):
@@ -205,6 +206,9 @@ def _train_target(
             else:
                 trained = stages.train_scratch(params, out, progress=False)
             _log_trained(client, run_id, trained, f"learning_curves_{kind}.png")
+            tracking.log_metrics(client, run_id, {
+                k: trained.info[k] for k in ("val_accuracy", "val_nll", "temperature", "val_ece", "val_ece_uncalibrated")
+                if trained.info.get(k) is not None})
             tracking.set_tags(
                 client,
                 run_id,
@@ -225,6 +229,8 @@ def _train_target(
         "run_id": run_id,
         "seconds": trained.seconds,
         "epochs": len(trained.history),
+        "seed": params.runtime.seed,
+        **{k: trained.info.get(k) for k in ("val_accuracy", "val_nll", "temperature")},
     }
 
 

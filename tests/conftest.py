@@ -37,7 +37,7 @@ TINY_PARAMS = {
     "data": {"image_size": 16, "source": {"n": 1000}, "target": {"test_size": 300}},
     "validate": {"min_per_class": 3},
     "pretrain": {"arch": "small_cnn", "epochs": 4, "batch_size": 64},
-    "finetune": {"strategy": "full", "labels_per_class": 5, "epochs": 6, "batch_size": 16},
+    "finetune": {"strategy": "full", "labels_per_class": 5, "epochs": 6, "batch_size": 16, "seeds": 2},
     "promote": {"accuracy_floor": 0.0, "min_delta": 0.0},
     "runtime": {"device": "cpu"},
 }

@@ -134,11 +134,16 @@ def evaluate(
 
     params = _params(params_file, overrides)
     report = stages.evaluate(params, model, out, name="transfer")
-    summary: dict[str, Any] = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "ece": report["ece"]}
+    summary: dict[str, Any] = {
+        "accuracy": report["accuracy"], "accuracy_ci_low": report["accuracy_ci"][0],
+        "accuracy_ci_high": report["accuracy_ci"][1], "macro_f1": report["macro_f1"],
+        "ece": report["ece"], "ece_uncalibrated": report["ece_uncalibrated"], "temperature": report["temperature"],
+    }
     if baseline_model is not None and Path(baseline_model).exists():
         scratch = stages.evaluate(params, baseline_model, out, name="scratch")
-        summary.update(stages.transfer_gain(report["accuracy"], scratch["accuracy"],
-                                            params.evaluate.negative_transfer_margin))
+        gain = stages.transfer_gain(report, scratch, params.promote.alpha)
+        summary.update({k: v for k, v in gain.items() if k not in ("gain_ci", "described")},
+                       gain_ci_low=gain["gain_ci"][0], gain_ci_high=gain["gain_ci"][1])
         plot_transfer_gain({"scratch": scratch["accuracy"], "transfer": report["accuracy"]},
                            out / "transfer_gain.png", "Test accuracy: scratch vs transfer")
     _write_json(out / "evaluate.json", summary)

@@ -115,6 +115,9 @@ class FinetuneParams(OptimParams):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     scratch_baseline: bool = True  # also train the same budget from random init
+    # Fine-tune and scratch are each trained with seeds runtime.seed, +1, ...; the model
+    # registered is the best seed on the selection (val) split, never on test.
+    seeds: int = Field(3, ge=1, le=50, description="seeds per model (best on val is registered)")
     # head strategy: train the head on body features computed once per dataset version
     # (no augmentation on that path: cached features are of the unshifted images)
     feature_cache: bool = True
@@ -122,6 +125,7 @@ class FinetuneParams(OptimParams):
 
 class EvaluateParams(_Section):
     calibration_bins: int = Field(10, ge=2)
+    calibrate: bool = True  # temperature scaling fitted on the val split, applied when serving
     negative_transfer_margin: float = Field(0.0, ge=0)
 
 
@@ -129,7 +133,9 @@ class PromoteParams(_Section):
     model_name: str = "digits-transfer"
     accuracy_floor: float = Field(0.7, ge=0, le=1)
     min_delta: float = Field(0.0, ge=0, le=1)
-    require_beats_scratch: bool = True
+    # the champion moves only on a significant paired improvement (exact McNemar p < alpha)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    require_beats_scratch: bool = True  # transfer must beat scratch significantly (same test)
 
 
 class ServeParams(_Section):
@@ -167,6 +173,14 @@ class Params(_Section):
     runtime: RuntimeParams = RuntimeParams()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    def seeds(self) -> list[int]:
+        """The training seeds of fine-tune and scratch: runtime.seed, runtime.seed + 1, ..."""
+        return [self.runtime.seed + i for i in range(self.finetune.seeds)]
+
+    def with_seed(self, seed: int) -> Params:
+        """A copy whose models train with ``seed`` (the labelled subset stays: data.seed)."""
+        return self.model_copy(update={"runtime": self.runtime.model_copy(update={"seed": seed})})
 
     def dump(self) -> dict[str, Any]:
         """Plain dict with the YAML section names (``validate``, not ``validate_``)."""

@@ -254,6 +254,8 @@ class Predictor:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.meta = dict(meta)
+        # fitted on the selection split at training time: served probabilities are calibrated
+        self.temperature = float(meta.get("temperature", 1.0))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, **kwargs: Any) -> Predictor:
@@ -270,9 +272,9 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_proba(self, batch: torch.Tensor) -> torch.Tensor:
-        """float (N, C, S, S) -> softmax probabilities (N, K) on the CPU."""
+        """float (N, C, S, S) -> softmax(logits / temperature) (N, K) on the CPU."""
         out = [
-            torch.softmax(self.model(chunk.to(self.device)).float(), dim=1).cpu()
+            torch.softmax(self.model(chunk.to(self.device)).float() / self.temperature, dim=1).cpu()
             for chunk in batch.split(INFERENCE_CHUNK)
         ]
         probs = torch.cat(out)

@@ -15,11 +15,15 @@ from typing import Any
 
 import torch
 
-from transfer import distributed, freezing
+from transfer import distributed, freezing, stats
+from transfer.calibration import apply_temperature, fit_temperature, nll
 from transfer.config import Params
 from transfer.data import ImageTensors, dataset_version, load_split, prepare_datasets, subsample_per_class
 from transfer.errors import TransferError
-from transfer.metrics import classification_report, plot_confusion_matrix, plot_learning_curves
+from transfer.metrics import (
+    classification_report, expected_calibration_error, plot_confusion_matrix, plot_learning_curves,
+    plot_reliability,
+)
 from transfer.models import TransferNet, create_model, load_model_dir, save_model_dir, weights_sha256
 from transfer.feature_cache import FeatureCache, train_head_cached
 from transfer.techniques.gradual import GradualUnfreezing
@@ -61,8 +65,12 @@ def _load(params: Params, name: str, split: str) -> ImageTensors:
 
 
 def target_splits(params: Params) -> dict[str, ImageTensors]:
-    """Target train (k labels per class), val and test, all from the manifest."""
-    k, seed = params.finetune.labels_per_class, params.runtime.seed
+    """Target train (k labels per class), val and test, all from the manifest.
+
+    The k labels are drawn with ``data.seed``: every training seed of a run sees the same
+    labelled images, as a user's fixed labelled set would be.
+    """
+    k, seed = params.finetune.labels_per_class, params.data.seed
     return {
         "train": subsample_per_class(_load(params, "target", "train"), k, seed),
         "val": _load(params, "target", "val"),
@@ -83,6 +91,25 @@ def _model_meta(params: Params, model: TransferNet, classes: list[str], **extra:
 
 def _history(result: Any) -> list[dict[str, Any]]:
     return [stats.as_dict() for stats in result.history]
+
+
+def select_on_validation(model: torch.nn.Module, val: ImageTensors, params: Params,
+                         device: torch.device) -> dict[str, Any]:
+    """What the selection split says about a trained model: accuracy, NLL and the fitted
+    temperature (calibration), the figures every choice of the pipeline is made on."""
+    if len(val) == 0:
+        return {"val_accuracy": None, "val_nll": None, "temperature": 1.0}
+    probs = predict_proba(model, val, device)
+    bins = params.evaluate.calibration_bins
+    temperature = fit_temperature(probs, val.labels) if params.evaluate.calibrate else 1.0
+    calibrated = apply_temperature(probs, temperature)
+    return {
+        "val_accuracy": float((probs.argmax(dim=1) == val.labels).float().mean()),
+        "val_nll": nll(probs, val.labels, temperature),
+        "temperature": temperature,
+        "val_ece_uncalibrated": expected_calibration_error(probs, val.labels, bins),
+        "val_ece": expected_calibration_error(calibrated, val.labels, bins),
+    }
 
 
 def pretrain(params: Params, out_dir: str | Path, *, progress: bool = True) -> TrainedModel:
@@ -165,16 +192,18 @@ def finetune(
     else:
         model, history, seconds = _run_technique(chosen, source_model_dir, splits, params, device, progress)
     log.info("fine-tuned with strategy=%s (%s)", chosen, reason)
+    selection = select_on_validation(model, splits["val"], params, device)
     meta = _model_meta(
         params, model, splits["train"].classes, stage="finetune", strategy=chosen, strategy_reason=reason,
-        labels_per_class=ft.labels_per_class, source_model=source_meta,
+        labels_per_class=ft.labels_per_class, source_model=source_meta, seed=params.runtime.seed,
+        temperature=selection["temperature"], selection=selection,
         source_weights_sha256=source_meta.get("weights_sha256"),
         target_data_version=dataset_version(dataset_dirs(params)["target"]),
         trainable=freezing.trainable_summary(model) if isinstance(model, TransferNet) else {},
     )
     model_dir = out / "model"
     _save_any(model, model_dir, meta)
-    return TrainedModel(str(model_dir), "finetune", chosen, history, seconds, {"reason": reason})
+    return TrainedModel(str(model_dir), "finetune", chosen, history, seconds, {"reason": reason, **selection})
 
 
 def _head_on_cached_features(
@@ -272,14 +301,20 @@ def train_scratch(params: Params, out_dir: str | Path, *, progress: bool = True)
         model, splits["train"], splits["val"], params.finetune, device=device, seed=params.runtime.seed,
         checkpoint_dir=out / "checkpoints", distributed_data_parallel=params.runtime.distributed, progress=progress, desc="scratch baseline",
     )
-    meta = _model_meta(params, model, splits["train"].classes, stage="scratch", strategy="scratch")
+    selection = select_on_validation(model, splits["val"], params, device)
+    meta = _model_meta(params, model, splits["train"].classes, stage="scratch", strategy="scratch",
+                       seed=params.runtime.seed, temperature=selection["temperature"], selection=selection)
     model_dir = out / "model"
     _save_on_main(model, model_dir, meta)
-    return TrainedModel(str(model_dir), "scratch", "scratch", _history(result), result.seconds)
+    return TrainedModel(str(model_dir), "scratch", "scratch", _history(result), result.seconds, selection)
 
 
-def evaluate(params: Params, model_dir: str | Path, out_dir: str | Path, *, name: str = "model") -> dict[str, Any]:
-    """Test-set report (accuracy, macro-F1, per-class recall, ECE) + confusion-matrix plot."""
+def evaluate(
+    params: Params, model_dir: str | Path, out_dir: str | Path, *, name: str = "model", plots: bool = True,
+) -> dict[str, Any]:
+    """Test-holdout report: accuracy with its Wilson 95% CI, macro-F1, per-class recall, ECE
+    before and after the model's temperature, per-image correctness (for paired tests),
+    confusion matrix and reliability plots. Nothing here feeds a choice: test is for figures."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, meta = load_model_dir(model_dir)
@@ -289,14 +324,44 @@ def evaluate(params: Params, model_dir: str | Path, out_dir: str | Path, *, name
             f"model {model_dir} knows classes {meta['classes']} but the target test split has {test.classes}"
         )
     device = runtime_device(params.runtime)
-    probs = predict_proba(model, test, device)
-    report = classification_report(probs, test.labels, test.classes, params.evaluate.calibration_bins)
-    report["n_test"] = len(test)
-    plot_confusion_matrix(
-        report["confusion_matrix"], test.classes, out / f"confusion_{name}.png", f"{name}: confusion matrix"
+    raw = predict_proba(model, test, device)
+    temperature = float(meta.get("temperature", 1.0))
+    probs = apply_temperature(raw, temperature)
+    bins = params.evaluate.calibration_bins
+    report = classification_report(probs, test.labels, test.classes, bins)
+    correct = (probs.argmax(dim=1) == test.labels).numpy()
+    interval = stats.accuracy_ci(correct)
+    report.update(
+        n_test=len(test), accuracy_ci=[interval.ci_low, interval.ci_high], temperature=temperature,
+        ece_uncalibrated=expected_calibration_error(raw, test.labels, bins),
+        seed=meta.get("seed"), val_accuracy=meta.get("selection", {}).get("val_accuracy"),
+        correct=correct.astype(int).tolist(),
     )
+    if plots:
+        plot_confusion_matrix(
+            report["confusion_matrix"], test.classes, out / f"confusion_{name}.png", f"{name}: confusion matrix"
+        )
+        plot_reliability(raw, test.labels, out / f"reliability_{name}_uncalibrated.png", bins,
+                         f"{name}, uncalibrated (T = 1)")
+        plot_reliability(probs, test.labels, out / f"reliability_{name}.png", bins,
+                         f"{name}, temperature T = {temperature:.2f}")
     (out / f"metrics_{name}.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def best_on_validation(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The seed to register: highest val accuracy, then lowest val NLL, then lowest seed.
+
+    Only selection-split figures enter: the test holdout never picks a model.
+    """
+    if not runs:
+        raise TransferError("no trained seed to choose from")
+
+    def rank(run: dict[str, Any]) -> tuple[float, float, int]:
+        acc, loss = run.get("val_accuracy"), run.get("val_nll")
+        return (-(acc if acc is not None else -1.0), loss if loss is not None else float("inf"), run["seed"])
+
+    return min(runs, key=rank)
 
 
 def learning_curve_plot(trained: TrainedModel, path: str | Path) -> Path:
@@ -304,8 +369,16 @@ def learning_curve_plot(trained: TrainedModel, path: str | Path) -> Path:
     return Path(path)
 
 
-def transfer_gain(transfer_acc: float, scratch_acc: float, margin: float = 0.0) -> dict[str, Any]:
-    """Gain of transfer over the scratch baseline; negative transfer flagged."""
-    gain = transfer_acc - scratch_acc
-    return {"transfer_accuracy": transfer_acc, "scratch_accuracy": scratch_acc, "gain": gain,
-            "negative_transfer": gain < -margin}
+def transfer_gain(transfer: dict[str, Any], scratch: dict[str, Any], alpha: float) -> dict[str, Any]:
+    """Transfer vs scratch on the same test images: paired bootstrap CI and exact McNemar.
+
+    Negative transfer = scratch significantly better; a CI covering zero = no measurable gain.
+    """
+    comparison = stats.compare_paired(transfer["correct"], scratch["correct"])
+    return {
+        "transfer_accuracy": transfer["accuracy"], "scratch_accuracy": scratch["accuracy"],
+        "gain": comparison.delta, "gain_ci": [comparison.ci_low, comparison.ci_high],
+        "p_value": comparison.p_value, "significant": comparison.better(alpha),
+        "negative_transfer": comparison.worse(alpha), "verdict": stats.gain_verdict(comparison, alpha),
+        "described": comparison.describe(),
+    }

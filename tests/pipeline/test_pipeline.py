@@ -37,25 +37,33 @@ def _png_b64(array: np.ndarray) -> str:
 
 
 def test_promote_reject_rollback_and_serve_batch(dvc_repo: Path) -> None:
-    first = _run()
+    # A first model with an untrained head: the first version passes on the floor alone.
+    weak = _run(["finetune.epochs=0", "promote.require_beats_scratch=false"])
     client = MlflowClient()
-    assert first["promoted"], first
-    assert first["dvc_tracked"] and len(first["data_version"]["target"]) >= 32
+    assert weak["promoted"], weak
+    assert weak["dvc_tracked"] and len(weak["data_version"]["target"]) >= 32
     assert (dvc_repo / "dvc.lock").exists()  # the data version came from `dvc repro prepare`
-    assert _aliases(client) == {"champion": first["model_version"]}
 
-    # Same data + params: the source model is reused, not retrained; equal accuracy promotes.
+    # A clearly better challenger (trained head) moves the champion: significant on the paired test.
+    first = _run()
+    assert first["source_reused"]
+    assert first["promoted"], first
+    assert _aliases(client) == {"champion": first["model_version"], "previous": weak["model_version"]}
+    assert "significant gain" in first["gain_paired"] and "McNemar p" in first["gain_paired"]
+
+    # An identical rerun (same data, params, code) never moves the champion; the reason says why.
     second = _run()
-    assert second["source_reused"]
-    assert second["promoted"], second
-    assert _aliases(client) == {"champion": second["model_version"], "previous": first["model_version"]}
+    assert not second["promoted"], second
+    reason = client.get_model_version(NAME, second["model_version"]).tags["rejected"]
+    assert reason.startswith("kept champion: +0.000, 95% CI [+0.000, +0.000], McNemar p = 1.000"), reason
+    assert _aliases(client) == {"champion": first["model_version"], "previous": weak["model_version"]}
 
     # A worse model (no fine-tuning epochs) is registered but rejected; champion stays.
     worse = _run(["finetune.epochs=0"])
     assert not worse["promoted"]
     version = client.get_model_version(NAME, worse["model_version"])
-    assert "rejected" in version.tags and "champion" in version.tags["rejected"]
-    assert _aliases(client)["champion"] == second["model_version"]
+    assert "kept champion: -" in version.tags["rejected"]
+    assert _aliases(client)["champion"] == first["model_version"]
 
     # Every version traces back to its data and source weights.
     tags = client.get_model_version(NAME, first["model_version"]).tags
@@ -66,7 +74,7 @@ def test_promote_reject_rollback_and_serve_batch(dvc_repo: Path) -> None:
     from tasks.promote import rollback
 
     rollback(load_params("params.yaml"))
-    assert _aliases(client) == {"champion": first["model_version"], "previous": second["model_version"]}
+    assert _aliases(client) == {"champion": weak["model_version"], "previous": first["model_version"]}
 
     # The champion loads by alias and predicts a batch of several images, with class names.
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
@@ -80,6 +88,30 @@ def test_promote_reject_rollback_and_serve_batch(dvc_repo: Path) -> None:
     assert run.data.tags["data.target.dvc_md5"] == first["data_version"]["target"]
     artifacts = {a.path for a in client.list_artifacts(first["mlflow_run_id"], "plots")}
     assert "plots/transfer_gain.png" in artifacts and "plots/confusion_transfer.png" in artifacts
+    assert {"plots/reliability_transfer.png", "plots/reliability_transfer_uncalibrated.png"} <= artifacts
+    metrics = run.data.metrics
+    assert metrics["test_accuracy_ci_low"] < metrics["test_accuracy"] < metrics["test_accuracy_ci_high"]
+    assert metrics["transfer_gain_ci_low"] <= metrics["transfer_gain"] <= metrics["transfer_gain_ci_high"]
+
+    # The served probabilities carry the temperature fitted on val (rollback put weak back: re-point).
+    from tasks.promote import rollback as swap
+
+    swap(load_params("params.yaml"))
+    served = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(
+        pd.DataFrame({"image": [_png_b64(d) for d in digits]}))
+    meta_t = float(client.get_model_version(NAME, first["model_version"]).tags["temperature"])
+    from transfer.predict import Predictor
+    from tasks.promote import downloaded_model_dir
+
+    with downloaded_model_dir(f"models:/{NAME}/{first['model_version']}") as model_dir:
+        predictor = Predictor.from_dir(model_dir)
+        assert predictor.temperature == pytest.approx(meta_t) and meta_t != 1.0
+        uncalibrated = Predictor.from_dir(model_dir)
+        uncalibrated.temperature = 1.0
+        raw = uncalibrated.predict([_png_b64(d) for d in digits])
+    assert [r["probability"] for r in predictor.predict([_png_b64(d) for d in digits])] == pytest.approx(
+        list(served["probability"]))
+    assert list(served["probability"]) != pytest.approx([r["probability"] for r in raw])
 
 
 def _imagefolder(root: Path, classes: int = 3, per_class: int = 14, size: int = 16) -> Path:

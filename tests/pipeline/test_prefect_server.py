@@ -190,8 +190,9 @@ def test_stage_deployments_on_a_worker_and_the_served_retrain_schedule(
                 _stop(proc)
 
     assert decision["promoted"], decision
-    for key in ("source_model_uri", "transfer_model_uri", "scratch_model_uri"):
-        assert decision[key].startswith("runs:/"), decision
+    assert decision["source_model_uri"].startswith("runs:/"), decision
+    for key in ("transfer_model_uris", "scratch_model_uris"):
+        assert decision[key] and all(uri.startswith("runs:/") for uri in decision[key]), decision
     client = MlflowClient()
     assert client.get_registered_model(NAME).aliases["champion"] == decision["version"]
     assert not retrain["retrained"] and "unchanged" in retrain["reason"], retrain

@@ -42,7 +42,7 @@ def _pipeline_run(params) -> dict:
     log_source_model.fn(params, run_id, source)
     tuned = finetune_target(params, data, source, run_id)
     scratch = train_baseline(params, data, run_id)
-    evaluation = evaluate_models(params, tuned, scratch, run_id)
+    evaluation = evaluate_models(params, [tuned], [scratch], run_id)
     summary = {
         "mlflow_run_id": run_id,
         "strategy": tuned["strategy"],
