@@ -66,6 +66,8 @@ def evaluate_models(
         "temperature": transfer_report["temperature"], "selected_seed": tuned["seed"],
     }
     accuracies = {tuned["strategy"]: transfer_report["accuracy"]}
+    intervals = {tuned["strategy"]: tuple(transfer_report["accuracy_ci"])}
+    tracking.set_tags(client, parent_run_id, {"strategy": tuned["strategy"], "selected_seed": tuned["seed"]})
     if scratch_runs:
         scratch = stages.best_on_validation(scratch_runs)
         scratch_report, scratch_all = _score_seeds(params, client, scratch_runs, scratch, out, "scratch")
@@ -82,8 +84,10 @@ def evaluate_models(
         tracking.set_tags(client, parent_run_id, {"negative_transfer": gain["negative_transfer"],
                                                   "transfer_verdict": gain["verdict"]})
         accuracies = {"scratch": scratch_report["accuracy"], **accuracies}
+        intervals["scratch"] = tuple(scratch_report["accuracy_ci"])
     tracking.log_metrics(client, parent_run_id, metrics)
-    plot_transfer_gain(accuracies, out / "transfer_gain.png", "Test accuracy: scratch vs transfer")
+    plot_transfer_gain(accuracies, out / "transfer_gain.png", "Test accuracy (95% CI): scratch vs transfer",
+                       intervals=intervals)
     tracking.log_files(client, parent_run_id, sorted(out.glob("*.png")), "plots")
     tracking.log_files(client, parent_run_id, sorted(out.glob("*.json")), "evaluation")
     return result

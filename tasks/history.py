@@ -7,6 +7,7 @@ from typing import Any
 
 from tasks import tracking
 from transfer.config import Params
+from transfer.stats import format_p
 
 
 def recent_runs(params: Params, limit: int = 10) -> list[dict[str, Any]]:
@@ -29,9 +30,10 @@ def recent_runs(params: Params, limit: int = 10) -> list[dict[str, Any]]:
                 ).strftime("%Y-%m-%d %H:%M:%S"),
                 "run_id": run.info.run_id,
                 "status": run.info.status,
-                "strategy": tags.get("finetune.strategy", ""),
-                "test_accuracy": _fmt(metrics.get("test_accuracy")),
-                "scratch_test_accuracy": _fmt(metrics.get("scratch_test_accuracy")),
+                "strategy": tags.get("strategy") or tags.get("finetune.strategy", ""),
+                "test_accuracy": _with_ci(metrics, "test_accuracy"),
+                "scratch_test_accuracy": _with_ci(metrics, "scratch_test_accuracy"),
+                "gain": _gain(metrics),
                 "promoted": tags.get("promoted", ""),
                 "model_version": tags.get("model_version", ""),
             }
@@ -39,5 +41,23 @@ def recent_runs(params: Params, limit: int = 10) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
+def _with_ci(metrics: dict[str, float], key: str) -> str:
+    """``0.949 [0.932, 0.962]``: the accuracy with its 95% interval (older runs: no interval)."""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    text = _fmt(metrics.get(key), 3)
+    return f"{text} [{low:.3f}, {high:.3f}]" if text and low is not None and high is not None else text
+
+
+def _gain(metrics: dict[str, float]) -> str:
+    """``+0.039 [+0.021, +0.058] p=0.0001``: the paired difference, its CI and McNemar's p."""
+    gain, p = metrics.get("transfer_gain"), metrics.get("transfer_gain_p_value")
+    low, high = metrics.get("transfer_gain_ci_low"), metrics.get("transfer_gain_ci_high")
+    if gain is None:
+        return ""
+    if low is None or p is None:
+        return f"{gain:+.3f}"
+    return f"{gain:+.3f} [{low:+.3f}, {high:+.3f}] p={format_p(p)}"
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"

@@ -178,12 +178,13 @@ def runs(
     from tasks.history import recent_runs
 
     rows = recent_runs(_params(params_file, overrides), limit)
-    table = Table("started", "run id", "status", "strategy", "transfer acc", "scratch acc", "promoted", "version")
+    table = Table("started", "run id", "status", "strategy", "transfer acc [95% CI]", "scratch acc [95% CI]",
+                  "gain [95% CI] McNemar p", "promoted", "version")
     for row in rows:
         table.add_row(*[str(row.get(k, "")) for k in
                         ("start", "run_id", "status", "strategy", "test_accuracy", "scratch_test_accuracy",
-                         "promoted", "model_version")])
-    console.print(table)
+                         "gain", "promoted", "model_version")])
+    Console(width=max(console.width, 160)).print(table)  # a wide table: never cut at 80 columns
 
 
 @app.command()

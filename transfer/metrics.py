@@ -203,12 +203,13 @@ def _bar_colour(is_baseline: bool, value: float, base_acc: float | None) -> str:
 
 def plot_transfer_gain(
     results: Mapping[str, float], path: str | Path, title: str = "Transfer gain",
-    baseline: str | None = None,
+    baseline: str | None = None, intervals: Mapping[str, tuple[float, float]] | None = None,
 ) -> Path:
     """Accuracy per run as bars; each bar annotated with its gain over the scratch baseline.
 
     The baseline is ``baseline`` or the first name containing "scratch"; bars below it
-    (negative transfer) are red.
+    (negative transfer) are red. ``intervals`` (name -> (low, high), e.g. Wilson 95% CIs)
+    are drawn as error bars.
     """
     names = list(results)
     values = [float(results[n]) for n in names]
@@ -217,7 +218,12 @@ def plot_transfer_gain(
     colours = [_bar_colour(n == base, v, base_acc) for n, v in zip(names, values)]
     fig = _figure(max(4.5, 1.1 * len(names) + 1.5), 4)
     ax = fig.subplots()
-    bars = ax.bar(names, values, color=colours)
+    yerr = None
+    if intervals:
+        lows = [v - intervals[n][0] if n in intervals else 0.0 for n, v in zip(names, values)]
+        highs = [intervals[n][1] - v if n in intervals else 0.0 for n, v in zip(names, values)]
+        yerr = np.array([lows, highs])  # (2, bars): distances below and above each bar
+    bars = ax.bar(names, values, color=colours, yerr=yerr, capsize=4 if yerr is not None else 0)
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
@@ -230,7 +236,8 @@ def plot_transfer_gain(
         if base_acc is not None and name != base:
             label += f"\n({value - base_acc:+.3f})"
         x = bar.get_x() + bar.get_width() / 2
-        ax.text(x, value + 0.01, label, ha="center", va="bottom", fontsize=8)
+        top = max(value, (intervals or {}).get(name, (value, value))[1])  # above its error bar
+        ax.text(x, top + 0.01, label, ha="center", va="bottom", fontsize=8)
     ax.tick_params(axis="x", labelrotation=20 if len(names) > 4 else 0)
     return _save(fig, path)
 
