@@ -49,7 +49,9 @@ def transfer_pipeline(
         raise
     summary = {
         "mlflow_run_id": run_id,
-        "data_version": {k: data[k]["dvc_md5"] or data[k]["version"] for k in ("source", "target")},
+        # the DVC md5 of each dataset folder (dvc.lock), else the manifest hash outside DVC
+        "source_data_version": data["source"]["dvc_md5"] or data["source"]["version"],
+        "target_data_version": data["target"]["dvc_md5"] or data["target"]["version"],
         "dvc_tracked": data["dvc"],
         "strategy": tuned["strategy"], "strategy_reason": tuned["reason"],
         "labels_per_class": params.finetune.labels_per_class,

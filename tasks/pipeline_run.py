@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
+
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -28,15 +33,37 @@ def start_pipeline_run(params: Params, run_name: str | None = None) -> str:
     return run_id
 
 
+DATA_CONTEXT = {"source": "pretraining", "target": "fine-tuning"}
+
+
 @task(name="log-data-version")
 def log_data_version(params: Params, run_id: str, data: dict[str, Any]) -> None:
-    """Tag the run with the data it saw, so every model traces back to its data."""
+    """Tag the run with the data it saw and log both datasets as MLflow run inputs
+    (digest = the DVC md5, source = the DVC-tracked folder), so every model traces back."""
     client = tracking.configure(params)
     tags = {"data.dvc_tracked": data["dvc"]}
     for name in ("source", "target"):
         tags[f"data.{name}.version"] = data[name]["version"]
         tags[f"data.{name}.dvc_md5"] = data[name].get("dvc_md5")
     tracking.set_tags(client, run_id, tags)
+    kinds = {"source": params.data.source.kind, "target": params.data.target.kind}
+    client.log_inputs(run_id, datasets=[_dataset_input(name, data[name], kinds[name]) for name in DATA_CONTEXT])
+
+
+def _dataset_input(name: str, info: dict[str, Any], kind: str) -> DatasetInput:
+    with warnings.catch_warnings():  # a local path matches two equivalent local source types
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(info["dir"]).resolve()))
+    digest = (info.get("dvc_md5") or info["version"]).removesuffix(".dir")
+    dataset = MetaDataset(source=source, name=f"{name}-{kind}", digest=digest[:36])
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", DATA_CONTEXT[name])])
+
+
+def run_name(summary: dict[str, Any]) -> str:
+    """What the run did, for the MLflow runs table: strategy, k, version and outcome."""
+    outcome = "promoted" if summary.get("promoted") else "kept champion"
+    return (f"{summary.get('strategy', '?')} k={summary.get('labels_per_class', '?')} "
+            f"v{summary.get('model_version', '?')} {outcome}")
 
 
 @task(name="log-source-model")
@@ -60,6 +87,8 @@ def finish_pipeline_run(
 ) -> dict[str, Any]:
     client = tracking.configure(params)
     tracking.log_json(client, run_id, summary, "summary.json")
+    if ok and "model_version" in summary:
+        client.update_run(run_id, name=run_name(summary))
     tracking.end_run(client, run_id, ok=ok)
     if ok:
         create_markdown_artifact(

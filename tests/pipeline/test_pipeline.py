@@ -41,7 +41,7 @@ def test_promote_reject_rollback_and_serve_batch(dvc_repo: Path) -> None:
     weak = _run(["finetune.epochs=0", "promote.require_beats_scratch=false"])
     client = MlflowClient()
     assert weak["promoted"], weak
-    assert weak["dvc_tracked"] and len(weak["data_version"]["target"]) >= 32
+    assert weak["dvc_tracked"] and len(weak["target_data_version"]) >= 32
     assert (dvc_repo / "dvc.lock").exists()  # the data version came from `dvc repro prepare`
 
     # A clearly better challenger (trained head) moves the champion: significant on the paired test.
@@ -67,7 +67,7 @@ def test_promote_reject_rollback_and_serve_batch(dvc_repo: Path) -> None:
 
     # Every version traces back to its data and source weights.
     tags = client.get_model_version(NAME, first["model_version"]).tags
-    assert tags["data.target.dvc_md5"] == first["data_version"]["target"]
+    assert tags["data.target.dvc_md5"] == first["target_data_version"]
     assert len(tags["source_weights_sha256"]) == 64
 
     # Rollback swaps champion and previous.
@@ -85,7 +85,11 @@ def test_promote_reject_rollback_and_serve_batch(dvc_repo: Path) -> None:
 
     # The parent run carries the data version, plots and the summary.
     run = client.get_run(first["mlflow_run_id"])
-    assert run.data.tags["data.target.dvc_md5"] == first["data_version"]["target"]
+    assert run.data.tags["data.target.dvc_md5"] == first["target_data_version"]
+    assert run.info.run_name == f"full k=5 v{first['model_version']} promoted"
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"source-fonts", "target-sklearn_digits"}
+    assert first["target_data_version"].startswith(inputs["target-sklearn_digits"].digest)
     artifacts = {a.path for a in client.list_artifacts(first["mlflow_run_id"], "plots")}
     assert "plots/transfer_gain.png" in artifacts and "plots/confusion_transfer.png" in artifacts
     assert {"plots/reliability_transfer.png", "plots/reliability_transfer_uncalibrated.png"} <= artifacts
@@ -181,5 +185,5 @@ def test_crash_in_finetune_leaves_registry_alone_and_rerun_resumes(
     assert client.search_model_versions(f"name='{NAME}'") == []  # nothing registered, no alias
 
     summary = _run()  # rerun: source model reused, fine-tune resumes at its checkpoint
-    assert summary["source_reused"] and resumed == [2]
+    assert summary["source_reused"] and resumed == [2, 0]  # seed 0 resumes; seed 1 never started
     assert summary["promoted"] and _aliases(client) == {"champion": summary["model_version"]}
