@@ -9,6 +9,8 @@ derived from it; each suite is named ``<dataset>.<table>``:
                             disk, sha256 digests, required splits present;
 ``<dataset>.images``        readable rows only: width/height integers within
                             ``validate.min_image_size..max_image_size``, PIL mode, channels;
+``<dataset>.classes``       one row per class folder: it holds at least one readable
+                            image (an empty folder is named, not a prepare crash);
 ``<dataset>.class_counts``  one row per (labelled split, class): at least
                             ``validate.min_per_class`` images, and for the target train
                             split at least ``finetune.labels_per_class`` (k labels per
@@ -17,12 +19,19 @@ derived from it; each suite is named ``<dataset>.<table>``:
                             two splits (leakage: error, or warning when
                             ``validate.fail_on_duplicates`` is false), the same bytes
                             under two labels (error), duplicates inside one split (warning);
-``compatibility.*``         source vs target: both hold images (error), same channel
-                            layout (warning: both are converted to ``data.channels``),
-                            source train much larger than the target's labelled budget
-                            (warning, informational), target val/test images that also
-                            appear in the source (error: the evaluation would be
-                            contaminated) or target train images in the source (warning).
+``compatibility.transfer_sense``  the "does transfer make sense" checks of
+                            ``transfer/checks.py`` (input kind, colour channels, image
+                            scale, source/target size ratio, class overlap; thresholds in
+                            ``params.validate``), one expectation each: same input kind is
+                            an error, the others warnings unless
+                            ``validate.require_transfer_sense``; all of them are shown in
+                            the report, the CLI output and the flow's log before training;
+``compatibility.overlap``   target val/test images that also appear in the source (error:
+                            the evaluation would be contaminated) or target train images
+                            in the source (warning).
+
+Manifests are read by the loader's own reader (``transfer.data.manifest``), so a row
+passes here exactly when training reads it with the same meaning.
 
 Only ``severity == "error"`` outcomes fail the gate. ``run_validation`` validates and
 returns a ``ValidationReport`` (never raises on bad data); ``validate_stage`` is the whole
@@ -276,7 +285,7 @@ def _dataset_cells(info: dict[str, Any]) -> list[str]:
     splits = ", ".join(f"{k}: {v}" for k, v in info.get("splits", {}).items())
     return [
         str(info.get("rows", "-")),
-        str(len(info.get("classes", []))),
+        str(len(info.get("class_folders") or info.get("classes", []))),
         splits or str(info.get("error", "")),
         str(info.get("n_unreadable", "-")),
         str(info.get("manifest", "")),
@@ -653,6 +662,32 @@ def _class_counts(
     return pd.DataFrame(rows, columns=list(columns)).astype(columns)
 
 
+def _class_folder_outcomes(name: str, df: pd.DataFrame, classes: list[str]) -> list[ExpectationOutcome]:
+    """Every class folder holds a readable image (an empty folder is a class with none)."""
+    labelled = df[df["split"] != UNLABELLED_SPLIT]
+    files = labelled.groupby("folder").size()
+    images = labelled[labelled["readable"]].groupby("folder").size()
+    table = pd.DataFrame(
+        {
+            "label": classes,
+            "files": [int(files.get(c, 0)) for c in classes],
+            "images": [int(images.get(c, 0)) for c in classes],
+        }
+    ).astype({"label": "str", "files": "int64", "images": "int64"})
+
+    def empty(r: dict) -> str:
+        if not r.get("files"):
+            return f"{r['label']}/: class folder holds no files"
+        return f"{r['label']}/: none of its {r['files']} files is a readable image"
+
+    check = Check(
+        expectations().ExpectColumnValuesToBeBetween(column="images", min_value=1),
+        "every class folder holds at least one readable image",
+        empty,
+    )
+    return _run(f"{name}.classes", "classes", table, [check], ["label"])
+
+
 def _duplicates(df: pd.DataFrame) -> pd.DataFrame:
     """Files in labelled splits whose sha256 occurs more than once, with their partners."""
     rows = df[df["split"].isin(LABELLED_SPLITS) & (df["sha256"] != "")]
@@ -760,6 +795,7 @@ def _validate_dataset(
     )
 
     if {"label", "split"} <= raw_columns:
+        outcomes += _class_folder_outcomes(name, df, classes)
         counts = _class_counts(df, classes, required_splits, base_min, min_train_per_class)
 
         def too_few(r: dict) -> str:
