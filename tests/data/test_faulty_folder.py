@@ -112,3 +112,35 @@ def test_the_error_is_one_line_naming_every_fault_and_nothing_is_trained(validat
         assert path in line, path
     assert "Traceback" not in proc.stderr
     assert not (work / "models").exists() and not (work / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_the_flow_stops_at_validation_naming_every_fault(
+    dvc_repo: Path, tmp_path: Path, prefect_harness
+) -> None:
+    """Same folder through the flow (``dvc repro prepare`` = ``prepare --record-bad``)."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import transfer_pipeline
+    from tasks.validate import DataValidationError
+    from tests.conftest import TINY_PARAMS
+
+    data = {
+        **TINY_PARAMS["data"],
+        "source": {"kind": "imagefolder", "path": str(source_folder(tmp_path / "src"))},
+        "target": {"kind": "imagefolder", "path": str(faulty_folder(tmp_path / "user")),
+                   "test_size": 0.25},
+    }
+    write_yaml(dvc_repo / "params.yaml", {**TINY_PARAMS, "data": data,
+                                          "finetune": {**TINY_PARAMS["finetune"],
+                                                       "labels_per_class": 1}})
+    with pytest.raises(DataValidationError) as error:
+        transfer_pipeline(params_file="params.yaml")
+    for path in FAULTS:
+        assert path in str(error.value), path
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("transfer-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.data.tags.get("stage") for r in runs] == ["pipeline"]  # no training child run
+    assert runs[0].info.status == "FAILED"
+    assert not (dvc_repo / "models").exists()
