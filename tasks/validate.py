@@ -662,7 +662,9 @@ def _class_counts(
     return pd.DataFrame(rows, columns=list(columns)).astype(columns)
 
 
-def _class_folder_outcomes(name: str, df: pd.DataFrame, classes: list[str]) -> list[ExpectationOutcome]:
+def _class_folder_outcomes(
+    name: str, df: pd.DataFrame, classes: list[str]
+) -> list[ExpectationOutcome]:
     """Every class folder holds a readable image (an empty folder is a class with none)."""
     labelled = df[df["split"] != UNLABELLED_SPLIT]
     files = labelled.groupby("folder").size()
@@ -873,7 +875,8 @@ def validate_dataset(
 def _sense_outcomes(checks: list[dict[str, Any]], vp: ValidateParams) -> list[ExpectationOutcome]:
     """transfer.checks' verdicts as GX expectations: one column per check holding its level."""
     E = expectations()
-    frame = pd.DataFrame([{"datasets": "source -> target"} | {c["check"]: c["level"] for c in checks}])
+    levels = {c["check"]: c["level"] for c in checks}
+    frame = pd.DataFrame([{"datasets": "source -> target"} | levels]).astype("str")
     suite: list[Check] = []
     for c in checks:
         stops = sense.severity(c, vp) == "error"
@@ -887,7 +890,7 @@ def _sense_outcomes(checks: list[dict[str, Any]], vp: ValidateParams) -> list[Ex
                 severity=sense.severity(c, vp),
             )
         )
-    return _run("compatibility.transfer_sense", "compat_sense", frame.astype("str"), suite, ["datasets"])
+    return _run("compatibility.transfer_sense", "compat_sense", frame, suite, ["datasets"])
 
 
 def _overlap_outcomes(

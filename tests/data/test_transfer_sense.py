@@ -92,5 +92,6 @@ def test_flow_log_shows_the_checks(grey_to_rgb: Path, tmp_path: Path, prefect_ha
         assert validate_flow(params(grey_to_rgb), str(tmp_path))
     # the task-run logger: what Prefect ships to the flow run's log in the UI
     run_log = [r.getMessage() for r in caplog.records if r.name == "prefect.task_runs"]
-    assert any(m.startswith("WARN compatible_channels: source channels [1] (grey)") for m in run_log)
+    warn = "WARN compatible_channels: source channels [1] (grey)"
+    assert any(m.startswith(warn) for m in run_log)
     assert any(m.startswith("PASS source_much_larger: 400 source") for m in run_log)

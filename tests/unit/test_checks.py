@@ -43,7 +43,8 @@ def test_thresholds_come_from_params_validate():
         source, target, ValidateParams(min_source_ratio=25, max_size_ratio=2)
     ))
     assert strict["source_much_larger"]["level"] == "fail"
-    assert "20.0x (threshold 25x, validate.min_source_ratio)" in strict["source_much_larger"]["detail"]
+    ratio = strict["source_much_larger"]["detail"]
+    assert "20.0x (threshold 25x, validate.min_source_ratio)" in ratio
     assert strict["compatible_image_sizes"]["level"] == "warn"
     assert "limit 2x, validate.max_size_ratio" in strict["compatible_image_sizes"]["detail"]
     shipped = load_params(Path(__file__).parents[2] / "params.yaml").validate_
