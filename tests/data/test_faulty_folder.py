@@ -85,7 +85,8 @@ def validated(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 def test_prepare_records_the_empty_class_instead_of_stopping(validated):
     work, _ = validated
     target = work / "data" / "target"
-    assert (target / "triangle").is_dir() and not any((target / "triangle").iterdir())
+    # kept as a class without images (a hidden marker survives a DVC checkout)
+    assert [p.name for p in (target / "triangle").iterdir()] == [".empty-class"]
     manifest = (target / "manifest.csv").read_text()
     assert "circle/broken.jpg" in manifest and "square/notes.png" in manifest
 

@@ -18,6 +18,7 @@ from transfer.data.progress import progress_bar
 from transfer.errors import DataError
 
 UNLABELLED_DIR = "_unlabelled"
+EMPTY_MARKER = ".empty-class"  # hidden: never listed as a file
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ def copy_imagefolder(
     root = Path(root)
     for name in empty:
         (dest / name).mkdir(parents=True, exist_ok=True)
+        # DVC and git restore no empty folder: a hidden marker keeps the class on checkout
+        (dest / name / EMPTY_MARKER).write_text("class folder without images (see validation)\n")
     rows = []
     with progress_bar(progress) as track:
         for item in track(files, description=f"copying {root.name}", total=len(files)):
