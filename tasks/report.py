@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks import tracking
 from tasks.common import stage_task
+from transfer import checks as sense
 from transfer import report as core
 from transfer import stages
 from transfer.config import ConfigError, Params, params_from_dict
@@ -313,7 +314,7 @@ def _datasets(rp: Params, tags: dict[str, str]) -> tuple[dict[str, Any], list[st
     out, notes = {}, []
     for name, directory in stages.dataset_dirs(rp).items():
         try:
-            out[name] = core.dataset_summary(
+            out[name] = sense.dataset_summary(
                 directory, name, rp.finetune.labels_per_class if name == "target" else None
             )
             now, then = dataset_version(directory), tags.get(f"data.{name}.version")
@@ -368,6 +369,10 @@ def gather(
         "source_model": _source_block(source_path, source_meta, tags, children.get("pretrain")),
         "notes": notes,
     }
+    if datasets.get("source") and datasets.get("target"):  # the run's own thresholds
+        data["checks"] = sense.transfer_sense_checks(
+            datasets["source"], datasets["target"], rp.validate_
+        )
     return data, rp, source_path, run
 
 

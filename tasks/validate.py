@@ -9,6 +9,8 @@ derived from it; each suite is named ``<dataset>.<table>``:
                             disk, sha256 digests, required splits present;
 ``<dataset>.images``        readable rows only: width/height integers within
                             ``validate.min_image_size..max_image_size``, PIL mode, channels;
+``<dataset>.classes``       one row per class folder: it holds at least one readable
+                            image (an empty folder is named, not a prepare crash);
 ``<dataset>.class_counts``  one row per (labelled split, class): at least
                             ``validate.min_per_class`` images, and for the target train
                             split at least ``finetune.labels_per_class`` (k labels per
@@ -17,12 +19,19 @@ derived from it; each suite is named ``<dataset>.<table>``:
                             two splits (leakage: error, or warning when
                             ``validate.fail_on_duplicates`` is false), the same bytes
                             under two labels (error), duplicates inside one split (warning);
-``compatibility.*``         source vs target: both hold images (error), same channel
-                            layout (warning: both are converted to ``data.channels``),
-                            source train much larger than the target's labelled budget
-                            (warning, informational), target val/test images that also
-                            appear in the source (error: the evaluation would be
-                            contaminated) or target train images in the source (warning).
+``compatibility.transfer_sense``  the "does transfer make sense" checks of
+                            ``transfer/checks.py`` (input kind, colour channels, image
+                            scale, source/target size ratio, class overlap; thresholds in
+                            ``params.validate``), one expectation each: same input kind is
+                            an error, the others warnings unless
+                            ``validate.require_transfer_sense``; all of them are shown in
+                            the report, the CLI output and the flow's log before training;
+``compatibility.overlap``   target val/test images that also appear in the source (error:
+                            the evaluation would be contaminated) or target train images
+                            in the source (warning).
+
+Manifests are read by the loader's own reader (``transfer.data.manifest``), so a row
+passes here exactly when training reads it with the same meaning.
 
 Only ``severity == "error"`` outcomes fail the gate. ``run_validation`` validates and
 returns a ``ValidationReport`` (never raises on bad data); ``validate_stage`` is the whole
@@ -57,33 +66,28 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks._gx import MAX_FAILING_ROWS, Check, CheckResult, expectations, run_suite
+from transfer import checks as sense
 from transfer.config import Params, ValidateParams
+from transfer.data.manifest import (
+    BOOL_HINT,
+    MANIFEST_COLUMNS,
+    MANIFEST_NAME,
+    ManifestTable,
+    parse_bool,
+    parse_int,
+    parse_rows,
+    read_manifest_table,
+)
 from transfer.errors import DataError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.csv"
-MANIFEST_COLUMNS = (
-    "path",
-    "label",
-    "split",
-    "width",
-    "height",
-    "mode",
-    "channels",
-    "sha256",
-    "readable",
-    "error",
-)
+MANIFEST = MANIFEST_NAME
 LABELLED_SPLITS = ("train", "val", "test")
 UNLABELLED_SPLIT = "unlabelled"
 IMAGE_MODES = ("L", "RGB", "RGBA", "P", "I;16", "LA")
-GRAY_MODES = frozenset({"L", "I;16", "LA"})
 CHANNEL_COUNTS = (1, 2, 3, 4)
-BOOL_TEXT = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 SHA256_REGEX = r"^[0-9a-f]{64}$"
-# Transfer pays off when the source has far more data than the target's labelled budget.
-MIN_SOURCE_TARGET_RATIO = 10.0
 SEVERITIES = ("error", "warning")
 
 
@@ -130,6 +134,7 @@ class ValidationReport:
     outcomes: list[ExpectationOutcome]
     datasets: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    sense: list[dict[str, Any]] = field(default_factory=list)  # transfer.checks, all levels
 
     def failures(self) -> list[ExpectationOutcome]:
         return [o for o in self.outcomes if o.failed]
@@ -150,6 +155,7 @@ class ValidationReport:
             "summary": self.summary(),
             "seconds": round(self.seconds, 3),
             "datasets": self.datasets,
+            "transfer_sense": self.sense,
             "failures": [o.headline() for o in self.failures()],
             "outcomes": [asdict(o) for o in self.outcomes],
         }
@@ -170,6 +176,7 @@ class ValidationReport:
                 cells = [name, *_dataset_cells(info)[:-1], f"`{info.get('manifest', '')}`"]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
+        lines += _sense_markdown(self.sense)
         for title, group in (
             ("Failed expectations", self.failures()),
             ("Warnings", self.warnings()),
@@ -216,8 +223,10 @@ class ValidationReport:
         for name, info in self.datasets.items():
             cells = "".join(f"<td>{esc(c)}</td>" for c in (name, *_dataset_cells(info)))
             parts.append(f"<tr>{cells}</tr>")
+        parts.append("</table><h2>Does transfer make sense?</h2>")
+        parts.append(_sense_html(self.sense))
         parts.append(
-            "</table><h2>Expectations</h2><table><tr><th>result</th><th>suite</th>"
+            "<h2>Expectations</h2><table><tr><th>result</th><th>suite</th>"
             "<th>expectation</th><th>column</th><th>check</th><th>details</th>"
             "<th>failing rows</th></tr>"
         )
@@ -272,34 +281,65 @@ def _md(text: str) -> str:
 
 
 def _dataset_cells(info: dict[str, Any]) -> list[str]:
-    """rows, classes, splits (or the manifest error), unreadable, manifest path."""
+    """rows, classes, readable images per split (or the manifest error), unreadable, manifest."""
     splits = ", ".join(f"{k}: {v}" for k, v in info.get("splits", {}).items())
     return [
         str(info.get("rows", "-")),
-        str(len(info.get("classes", []))),
+        str(len(info.get("class_folders") or info.get("classes", []))),
         splits or str(info.get("error", "")),
-        str(info.get("unreadable", "-")),
+        str(info.get("n_unreadable", "-")),
         str(info.get("manifest", "")),
     ]
+
+
+SENSE_INTRO = (
+    "Transfer can be expected to help when source and target share the input kind and "
+    "colour family, the images have a similar scale and the source has far more data than "
+    "the target's labelled budget (thresholds: params.validate)."
+)
+
+
+def _sense_markdown(checks: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Does transfer make sense?", ""]
+    if not checks:
+        return lines + ["Not evaluated: a dataset manifest is missing.", ""]
+    lines += [SENSE_INTRO, "", "| result | check | detail |", "|---|---|---|"]
+    lines += [f"| {c['level'].upper()} | {c['check']} | {_md(c['detail'])} |" for c in checks]
+    return lines + [""]
+
+
+def _sense_html(checks: list[dict[str, Any]]) -> str:
+    if not checks:
+        return "<p>Not evaluated: a dataset manifest is missing.</p>"
+    css = {"pass": "ok", "info": "ok", "warn": "warn", "fail": "bad"}
+    rows = "".join(
+        f"<tr><td class='{css.get(c['level'], '')}'>{html.escape(c['level'].upper())}</td>"
+        f"<td><code>{html.escape(c['check'])}</code></td><td>{html.escape(c['detail'])}</td></tr>"
+        for c in checks
+    )
+    return (
+        f"<p>{html.escape(SENSE_INTRO)}</p><table><tr><th>result</th><th>check</th>"
+        f"<th>detail</th></tr>{rows}</table>"
+    )
 
 
 # --------------------------------------------------------------------------- manifests
 
 
-def _read_manifest(dataset_dir: Path) -> tuple[pd.DataFrame | None, str | None]:
-    path = dataset_dir / MANIFEST
-    if not path.is_file():
-        return None, f"no {MANIFEST} at {path}: prepare the dataset first (`transfer prepare`)"
+def _read_manifest(dataset_dir: Path) -> tuple[ManifestTable | None, str | None]:
+    """The shared reader (transfer.data.manifest); a missing or broken file is a finding."""
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        return None, f"{path} is not a readable CSV: {error}"
-    frame.columns = [str(c).strip() for c in frame.columns]
-    return frame, None
+        return read_manifest_table(dataset_dir), None
+    except DataError as error:
+        return None, str(error)
 
 
 def _derive(frame: pd.DataFrame, dataset_dir: Path) -> pd.DataFrame:
-    """Typed and derived columns next to the raw ones (raw text kept for type checks)."""
+    """Typed and derived columns next to the raw ones (raw text kept for type checks).
+
+    Values are parsed by the loader's own functions, so a row passes here exactly when
+    the loader reads it with the same meaning.
+    """
     df = frame.copy()
     for column in MANIFEST_COLUMNS:
         if column not in df.columns:
@@ -310,14 +350,12 @@ def _derive(frame: pd.DataFrame, dataset_dir: Path) -> pd.DataFrame:
     df["folder"] = np.where(parts.str.len() > 1, parts.str[0], "")
     df["expected_label"] = np.where(df["split"] == UNLABELLED_SPLIT, "", df["folder"])
     df["readable_raw"] = df["readable"]
-    df["readable"] = (
-        df["readable_raw"].str.strip().str.lower().map(BOOL_TEXT).fillna(False).astype(bool)
-    )
+    parsed = df["readable_raw"].map(parse_bool)
+    df["readable_is_bool"] = parsed.notna()
+    df["readable"] = parsed.fillna(False).astype(bool)
     for column in ("width", "height", "channels"):
         df[f"{column}_raw"] = df[column]
-        df[column] = pd.to_numeric(df[column].str.strip(), errors="coerce").astype("Float64")
-        integral = df[column].notna() & (df[column] % 1 == 0)
-        df[column] = df[column].where(integral).astype("Int64")
+        df[column] = pd.array(df[column].map(parse_int).tolist(), dtype="Int64")
     base = str(dataset_dir) + os.sep
     df["exists"] = [bool(p) and os.path.isfile(base + p) for p in df["path"].tolist()]
     return df
@@ -340,26 +378,25 @@ def _class_names(df: pd.DataFrame, dataset_dir: Path) -> list[str]:
 
 
 def _summary(
-    df: pd.DataFrame | None, dataset_dir: Path, classes: list[str], error: str | None
-) -> dict:
+    table: ManifestTable | None,
+    dataset_dir: Path,
+    name: str,
+    class_folders: list[str],
+    error: str | None,
+    labels_per_class: int | None = None,
+) -> dict[str, Any]:
+    """transfer.checks' dataset summary (what the run and the report show) + manifest facts."""
     info: dict[str, Any] = {"dir": str(dataset_dir), "manifest": str(dataset_dir / MANIFEST)}
-    if df is None:
+    if table is None:
         info["error"] = error
         return info
-    manifest = dataset_dir / MANIFEST
-    readable = df[df["readable"]]
-    info.update(
-        manifest_sha256=hashlib.sha256(manifest.read_bytes()).hexdigest(),
-        rows=int(len(df)),
-        classes=classes,
-        splits={str(k): int(v) for k, v in df["split"].value_counts().sort_index().items()},
-        unreadable=int((~df["readable"]).sum()),
-        modes={str(k): int(v) for k, v in readable["mode"].value_counts().items()},
-    )
-    for column in ("width", "height"):
-        values = readable[column].dropna()
-        if len(values):
-            info[column] = [int(values.min()), int(values.max())]
+    rows = parse_rows(table, strict=False)  # bad values are the suites' findings
+    info |= sense.summarize(rows, name, dataset_dir, labels_per_class)
+    info |= {
+        "manifest_sha256": hashlib.sha256(table.path.read_bytes()).hexdigest(),
+        "rows": len(rows),
+        "class_folders": class_folders,
+    }
     return info
 
 
@@ -534,10 +571,8 @@ def _manifest_checks(
     if has("readable"):
         checks += [
             Check(
-                E.ExpectColumnValuesToBeInSet(
-                    column="readable_raw", value_set=sorted(BOOL_TEXT) + ["True", "False"]
-                ),
-                "readable is a boolean",
+                E.ExpectColumnValuesToBeInSet(column="readable_is_bool", value_set=[True]),
+                f"readable is a boolean ({BOOL_HINT}, any case)",
                 value_of("readable_raw"),
                 column="readable",
             ),
@@ -627,6 +662,34 @@ def _class_counts(
     return pd.DataFrame(rows, columns=list(columns)).astype(columns)
 
 
+def _class_folder_outcomes(
+    name: str, df: pd.DataFrame, classes: list[str]
+) -> list[ExpectationOutcome]:
+    """Every class folder holds a readable image (an empty folder is a class with none)."""
+    labelled = df[df["split"] != UNLABELLED_SPLIT]
+    files = labelled.groupby("folder").size()
+    images = labelled[labelled["readable"]].groupby("folder").size()
+    table = pd.DataFrame(
+        {
+            "label": classes,
+            "files": [int(files.get(c, 0)) for c in classes],
+            "images": [int(images.get(c, 0)) for c in classes],
+        }
+    ).astype({"label": "str", "files": "int64", "images": "int64"})
+
+    def empty(r: dict) -> str:
+        if not r.get("files"):
+            return f"{r['label']}/: class folder holds no files"
+        return f"{r['label']}/: none of its {r['files']} files is a readable image"
+
+    check = Check(
+        expectations().ExpectColumnValuesToBeBetween(column="images", min_value=1),
+        "every class folder holds at least one readable image",
+        empty,
+    )
+    return _run(f"{name}.classes", "classes", table, [check], ["label"])
+
+
 def _duplicates(df: pd.DataFrame) -> pd.DataFrame:
     """Files in labelled splits whose sha256 occurs more than once, with their partners."""
     rows = df[df["split"].isin(LABELLED_SPLITS) & (df["sha256"] != "")]
@@ -695,10 +758,11 @@ def _validate_dataset(
     min_train_per_class: int | None,
     allow_unlabelled: bool,
     required_splits: Sequence[str],
+    labels_per_class: int | None = None,
 ) -> tuple[list[ExpectationOutcome], dict[str, Any], pd.DataFrame | None]:
     dataset_dir = Path(dataset_dir)
-    frame, error = _read_manifest(dataset_dir)
-    if frame is None:
+    table, error = _read_manifest(dataset_dir)
+    if table is None:
         outcome = ExpectationOutcome(
             suite=f"{name}.manifest",
             expectation="manifest_file_readable",
@@ -709,7 +773,8 @@ def _validate_dataset(
             check="manifest.csv exists",
             unexpected_count=1,
         )
-        return [outcome], _summary(None, dataset_dir, [], error), None
+        return [outcome], _summary(None, dataset_dir, name, [], error), None
+    frame = table.frame()
     raw_columns = set(frame.columns)
     df = _derive(frame, dataset_dir)
     classes = (
@@ -732,6 +797,7 @@ def _validate_dataset(
     )
 
     if {"label", "split"} <= raw_columns:
+        outcomes += _class_folder_outcomes(name, df, classes)
         counts = _class_counts(df, classes, required_splits, base_min, min_train_per_class)
 
         def too_few(r: dict) -> str:
@@ -769,7 +835,8 @@ def _validate_dataset(
             _duplicate_checks(params.fail_on_duplicates),
             ["path"],
         )
-    return outcomes, _summary(df, dataset_dir, classes, None), df
+    info = _summary(table, dataset_dir, name, classes, None, labels_per_class)
+    return outcomes, info, df
 
 
 def validate_dataset(
@@ -805,86 +872,36 @@ def validate_dataset(
 # --------------------------------------------------------------------------- compatibility
 
 
-def _input_profile(df: pd.DataFrame | None) -> dict[str, Any]:
-    if df is None:
-        return {"kind": "missing", "layout": "missing", "modes": "", "n_train": 0, "hashes": set()}
-    readable = df[df["readable"]]
-    modes = set(readable["mode"].unique())
-    # unsupported PIL modes are the per-dataset suites' concern (target.images: mode)
-    kind = "image" if len(readable) else "no readable images"
-    gray, color = modes & GRAY_MODES, modes & (set(IMAGE_MODES) - GRAY_MODES)
-    if gray and color:
-        layout = "grayscale+color"
-    elif gray or color:
-        layout = "grayscale" if gray else "color"
-    else:
-        layout = "none"
-    n_train = int(((readable["split"] == "train") & (readable["label"] != "")).sum())
-    return {
-        "kind": kind,
-        "layout": layout,
-        "modes": ", ".join(sorted(modes)),
-        "n_train": n_train,
-        "hashes": set(df["sha256"].unique()) - {""},
-    }
-
-
-def _check_compatibility(
-    source: pd.DataFrame | None,
-    target: pd.DataFrame | None,
-    *,
-    target_labelled: int | None,
-    fail_on_overlap: bool,
-) -> list[ExpectationOutcome]:
+def _sense_outcomes(checks: list[dict[str, Any]], vp: ValidateParams) -> list[ExpectationOutcome]:
+    """transfer.checks' verdicts as GX expectations: one column per check holding its level."""
     E = expectations()
-    profiles = {"source": _input_profile(source), "target": _input_profile(target)}
-    frame = pd.DataFrame(
-        [
-            {"dataset": n, "kind": p["kind"], "layout": p["layout"], "modes": p["modes"]}
-            for n, p in profiles.items()
-        ]
-    ).astype("str")
-    listing = [
-        f"{n}: {p['kind']}, {p['layout']} (modes {p['modes'] or '-'})" for n, p in profiles.items()
-    ]
-    checks = [
-        Check(
-            E.ExpectColumnValuesToBeInSet(column="kind", value_set=["image"]),
-            "source and target are both image data (same input kind)",
-            lambda r: f"{r['dataset']}: {r['kind']}",
-        ),
-        Check(
-            E.ExpectColumnUniqueValueCountToBeBetween(column="layout", max_value=1),
-            "same channel layout (else both are converted to data.channels)",
-            severity="warning",
-        ),
-    ]
-    outcomes = _run(
-        "compatibility.inputs", "compat_inputs", frame, checks, ["dataset"], {1: listing}
-    )
+    levels = {c["check"]: c["level"] for c in checks}
+    frame = pd.DataFrame([{"datasets": "source -> target"} | levels]).astype("str")
+    suite: list[Check] = []
+    for c in checks:
+        stops = sense.severity(c, vp) == "error"
+        why = "stops the run" if stops else "reported only (validate.require_transfer_sense)"
+        title = f"{sense.CHECK_TITLES.get(c['check'], c['check'])}: {why}"
+        suite.append(
+            Check(
+                E.ExpectColumnValuesToBeInSet(column=c["check"], value_set=["pass", "info"]),
+                title,
+                lambda r, detail=c["detail"]: detail,
+                severity=sense.severity(c, vp),
+            )
+        )
+    return _run("compatibility.transfer_sense", "compat_sense", frame, suite, ["datasets"])
 
-    n_source = profiles["source"]["n_train"]
-    n_target = profiles["target"]["n_train"] if target_labelled is None else target_labelled
-    n_target = min(n_target, profiles["target"]["n_train"]) if target is not None else n_target
-    ratio = n_source / max(n_target, 1)
-    sizes = pd.DataFrame(
-        [{"source_train": n_source, "target_labelled": n_target, "ratio": float(ratio)}]
-    )
-    size_check = Check(
-        E.ExpectColumnValuesToBeBetween(column="ratio", min_value=MIN_SOURCE_TARGET_RATIO),
-        f"source train set at least {MIN_SOURCE_TARGET_RATIO:g}x the target's labelled images "
-        "(informational: does transfer make sense?)",
-        lambda r: (
-            f"source train {n_source} images vs target labelled {n_target}: ratio {ratio:.1f}"
-        ),
-        severity="warning",
-        column="ratio",
-    )
-    outcomes += _run("compatibility.sizes", "compat_sizes", sizes, [size_check], ["source_train"])
 
+def _overlap_outcomes(
+    source: pd.DataFrame | None, target: pd.DataFrame | None, fail_on_overlap: bool
+) -> list[ExpectationOutcome]:
+    """Target images that also lie in the source: val/test ones contaminate the evaluation."""
+    E = expectations()
     overlap = pd.DataFrame(columns=["path", "split"], dtype="str")
     if source is not None and target is not None:
-        shared = target[target["sha256"].isin(profiles["source"]["hashes"])]
+        hashes = set(source["sha256"].unique()) - {""}
+        shared = target[target["sha256"].isin(hashes)]
         overlap = shared[["path", "split"]].astype("str").reset_index(drop=True)
     shared_rows = [f"{p} [{s}]" for p, s in zip(overlap["path"], overlap["split"], strict=True)]
     checks = [
@@ -900,7 +917,7 @@ def _check_compatibility(
             severity="warning",
         ),
     ]
-    outcomes += _run(
+    return _run(
         "compatibility.overlap",
         "compat_overlap",
         overlap,
@@ -908,7 +925,15 @@ def _check_compatibility(
         ["path"],
         {1: shared_rows[:MAX_FAILING_ROWS]},
     )
-    return outcomes
+
+
+def sense_checks(
+    source_info: dict[str, Any], target_info: dict[str, Any], vp: ValidateParams
+) -> list[dict[str, Any]]:
+    """The transfer-sense checks of two validated datasets; [] when a manifest is missing."""
+    if "kind" not in source_info or "kind" not in target_info:
+        return []
+    return sense.transfer_sense_checks(source_info, target_info, vp)
 
 
 def check_compatibility(
@@ -917,20 +942,24 @@ def check_compatibility(
     *,
     target_labelled: int | None = None,
     fail_on_overlap: bool = True,
+    params: ValidateParams | None = None,
 ) -> list[ExpectationOutcome]:
-    """Source/target input compatibility (kind, channel layout, size ratio, shared images).
+    """Source/target compatibility: the transfer-sense checks and the shared images.
 
     ``target_labelled`` is the target's labelled training budget (k x classes); it
     defaults to the target train split size.
     """
-    source, _ = _read_manifest(Path(source_dir))
-    target, _ = _read_manifest(Path(target_dir))
-    return _check_compatibility(
-        None if source is None else _derive(source, Path(source_dir)),
-        None if target is None else _derive(target, Path(target_dir)),
-        target_labelled=target_labelled,
-        fail_on_overlap=fail_on_overlap,
-    )
+    vp = params or ValidateParams()
+    frames, infos = [], []
+    for name, directory in (("source", Path(source_dir)), ("target", Path(target_dir))):
+        table, error = _read_manifest(directory)
+        frames.append(None if table is None else _derive(table.frame(), directory))
+        infos.append(_summary(table, directory, name, [], error))
+    if target_labelled is not None and "kind" in infos[1]:
+        infos[1]["labelled_budget"] = target_labelled
+    checks = sense_checks(infos[0], infos[1], vp)
+    outcomes = _sense_outcomes(checks, vp) if checks else []
+    return outcomes + _overlap_outcomes(frames[0], frames[1], fail_on_overlap)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -965,22 +994,37 @@ def run_validation(
         min_train_per_class=k,
         allow_unlabelled=vp.allow_unlabelled_target,
         required_splits=("train", "test"),
+        labels_per_class=k,
     )
-    budget = k * len(target_info.get("classes", [])) or None
+    checks = sense_checks(source_info, target_info, vp)  # before any training: why it may fail
     outcomes = source_outcomes + target_outcomes
-    outcomes += _check_compatibility(
-        source_df, target_df, target_labelled=budget, fail_on_overlap=vp.fail_on_duplicates
-    )
+    outcomes += _sense_outcomes(checks, vp) if checks else []
+    outcomes += _overlap_outcomes(source_df, target_df, vp.fail_on_duplicates)
     report = ValidationReport(
         passed=not any(o.failed for o in outcomes),
         outcomes=outcomes,
         datasets={"source": source_info, "target": target_info},
         seconds=time.perf_counter() - start,
+        sense=checks,
     )
     if report_dir is not None:
         report.write(report_dir)
-    log.info("%s (%.2f s)", report.summary(), report.seconds)
+    _log_report(report)
     return report
+
+
+def _log_report(report: ValidationReport) -> None:
+    """The summary and every transfer-sense check, into the Prefect run's log when inside one."""
+    logger: Any = log
+    if _in_prefect_run():
+        from prefect import get_run_logger
+
+        logger = get_run_logger()
+    logger.info("%s (%.2f s)", report.summary(), report.seconds)
+    if not report.sense:
+        logger.warning("transfer-sense checks not evaluated (a dataset manifest is missing)")
+    for line in sense.describe(report.sense):
+        logger.info(line)
 
 
 def default_report_dir(params: Params) -> Path:

@@ -22,9 +22,14 @@ def validate_gate_task(
     tracking.log_files(
         client, run_id, sorted(Path(report_dir).glob("validation_report.*")), "validation"
     )
-    tracking.set_tags(client, run_id, {"validation": report.summary()})
+    doubts = [c["check"] for c in report.sense if c["level"] in ("warn", "fail")]
+    tracking.set_tags(client, run_id, {
+        "validation": report.summary(),
+        "transfer_sense": ", ".join(doubts) if doubts else "all checks pass",
+    })
     return {
         "passed": report.passed,
         "summary": report.summary(),
         "warnings": len(report.warnings()),
+        "transfer_sense": report.sense,  # shown before training (validate stage logs them)
     }

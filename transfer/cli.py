@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from transfer.config import Params, load_params
@@ -66,9 +67,15 @@ def validate(
     report_dir: Annotated[Path, typer.Option(help="where the report is written")] = Path("artifacts/validation/latest"),
 ) -> None:
     """Run the great-expectations suites on the prepared datasets (no training)."""
-    from tasks.validate import validate_stage
+    from tasks.validate import DataValidationError, validate_stage
 
-    report = validate_stage(_params(params_file, overrides), report_dir)  # raises on failure
+    try:
+        report = validate_stage(_params(params_file, overrides), report_dir)
+    except DataValidationError as error:  # show why transfer may not help, then the one line
+        if error.report is not None:
+            _print_sense(error.report.sense)
+        raise
+    _print_sense(report.sense)
     for warning in report.warnings():
         console.print(f"[yellow]warning:[/yellow] {warning.headline()}: {warning.details}", markup=False)
     console.print(f"[green]{report.summary()}[/green] (report in {report_dir}/validation_report.md)")
@@ -254,6 +261,18 @@ def report(
         console.print(f"{name}: {path}")
 
 
+def _print_sense(checks: list[dict[str, Any]]) -> None:
+    """The transfer-sense checks (transfer/checks.py), one unwrapped line each."""
+    from transfer.checks import describe
+
+    if not checks:
+        console.print("transfer-sense checks not evaluated (a dataset manifest is missing)")
+        return
+    console.print("Does transfer make sense? (thresholds: params.validate)")
+    for line in describe(checks):
+        console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _print_mapping(title: str, data: dict[str, Any]) -> None:
     table = Table(title=title, show_header=False)
     for key, value in data.items():
@@ -283,7 +302,8 @@ def main() -> None:
     try:
         app()
     except TransferError as error:
-        err_console.print(f"[bold red]error:[/bold red] {error}")
+        # one line, printed as is: a message may hold [brackets] rich would take for markup
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(error))}", soft_wrap=True)
         sys.exit(2)
 
 

@@ -68,6 +68,14 @@ class ValidateParams(_Section):
     max_image_size: int = Field(4096, ge=1)
     allow_unlabelled_target: bool = False  # DANN: target labels may be missing
     fail_on_duplicates: bool = True
+    # transfer-sense checks (transfer/checks.py), shown by validation, the run and the report
+    min_source_ratio: float = Field(
+        10.0, gt=0, description="source train images per labelled target image, at least"
+    )
+    max_size_ratio: float = Field(
+        4.0, ge=1, description="median image sides of source and target this far apart, at most"
+    )
+    require_transfer_sense: bool = False  # true: a sense check that does not pass stops the run
 
 
 class OptimParams(_Section):

@@ -34,7 +34,6 @@ import html
 import json
 import logging
 import shutil
-import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -43,202 +42,16 @@ from typing import Any, get_args
 
 import numpy as np
 
+# summaries and sense checks live in transfer.checks (shared with validation); re-exported
+from transfer.checks import dataset_summary, transfer_sense_checks  # noqa: F401
 from transfer.config import Params, Strategy
 from transfer.errors import TransferError
 
 log = logging.getLogger(__name__)
 
-MIN_SOURCE_RATIO = 10.0  # source images per labelled target image for transfer to pay off
-MAX_SIZE_RATIO = 4.0  # median image sides further apart than this: features change scale
 SCRATCH = "scratch"
 DEFAULT_KS = (1, 5, 10, 50)
 DEFAULT_STRATEGIES = ("head", "full")
-GREY, COLOUR = "grey", "colour"
-
-
-# --------------------------------------------------------------------------- dataset summaries
-
-
-def dataset_summary(
-    dataset_dir: str | Path, name: str | None = None, labels_per_class: int | None = None
-) -> dict[str, Any]:
-    """Sizes of one prepared dataset from its manifest: per split, per class, image shapes.
-
-    ``labels_per_class`` (target): the labelled budget training actually uses is
-    ``labels_per_class * n_classes``.
-    """
-    from transfer.data import read_manifest
-
-    rows = read_manifest(dataset_dir)
-    readable = [r for r in rows if r.readable]
-    classes = sorted({r.label for r in readable if r.label})
-    splits: dict[str, int] = {}
-    per_class: dict[str, dict[str, int]] = {c: {} for c in classes}
-    for row in readable:
-        splits[row.split] = splits.get(row.split, 0) + 1
-        if row.label:
-            per_class[row.label][row.split] = per_class[row.label].get(row.split, 0) + 1
-    sides = [float(np.sqrt(r.width * r.height)) for r in readable]
-    summary: dict[str, Any] = {
-        "name": name or Path(dataset_dir).name,
-        "dir": str(dataset_dir),
-        "kind": "images" if readable else "empty",
-        "n_images": len(readable),
-        "n_unreadable": len(rows) - len(readable),
-        "classes": classes,
-        "splits": {s: splits[s] for s in ("train", "val", "test", "unlabelled") if s in splits},
-        "per_class": per_class,
-        "channels": sorted({r.channels for r in readable}),
-        "modes": sorted({r.mode for r in readable}),
-        "width": _range([r.width for r in readable]),
-        "height": _range([r.height for r in readable]),
-        "median_side": statistics.median(sides) if sides else None,
-    }
-    if labels_per_class is not None:
-        summary["labels_per_class"] = labels_per_class
-        summary["labelled_budget"] = labels_per_class * len(classes)
-    return summary
-
-
-def _range(values: Sequence[int]) -> dict[str, float] | None:
-    if not values:
-        return None
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
-# --------------------------------------------------------------------------- sense checks
-
-
-def _check(name: str, passed: bool, detail: str, level: str | None = None) -> dict[str, Any]:
-    return {
-        "check": name,
-        "passed": bool(passed),
-        "detail": detail,
-        "level": level or ("pass" if passed else "fail"),
-    }
-
-
-def _family(channels: Iterable[int]) -> set[str]:
-    return {GREY if c in (1, 2) else COLOUR for c in channels}
-
-
-def _source_train(summary: Mapping[str, Any]) -> int:
-    """Labelled images pretraining learns from: the train split (all labelled when unsplit)."""
-    splits = summary.get("splits") or {}
-    if splits.get("train"):
-        return int(splits["train"])
-    return sum(n for split, n in splits.items() if split != "unlabelled")
-
-
-def _target_budget(summary: Mapping[str, Any]) -> int:
-    budget = summary.get("labelled_budget")
-    if budget:
-        return int(budget)
-    return int((summary.get("splits") or {}).get("train", 0))
-
-
-def transfer_sense_checks(
-    source_summary: Mapping[str, Any],
-    target_summary: Mapping[str, Any],
-    min_ratio: float = MIN_SOURCE_RATIO,
-) -> list[dict[str, Any]]:
-    """Does transfer make sense? Same input kind, far more source data, class overlap.
-
-    Each check: ``{check, passed, detail, level}``, level one of pass | warn | fail | info
-    (warn and info do not stop anything: they explain what to expect).
-    """
-    s_kind, t_kind = source_summary.get("kind"), target_summary.get("kind")
-    checks = [
-        _check(
-            "same_input_kind",
-            s_kind == t_kind == "images",
-            f"source: {s_kind}, target: {t_kind}"
-            + (
-                " (images -> images: low-level features can transfer)"
-                if s_kind == t_kind == "images"
-                else " (transfer needs the same input kind)"
-            ),
-        ),
-    ]
-    s_fam, t_fam = (
-        _family(source_summary.get("channels", ())),
-        _family(target_summary.get("channels", ())),
-    )
-    detail = (
-        f"source channels {source_summary.get('channels')} ({'/'.join(sorted(s_fam)) or '?'}), "
-        f"target channels {target_summary.get('channels')} ({'/'.join(sorted(t_fam)) or '?'})"
-    )
-    same = bool(s_fam) and s_fam == t_fam
-    checks.append(
-        _check(
-            "compatible_channels",
-            same,
-            detail
-            + (
-                ""
-                if same
-                else "; both are converted to data.channels, but colour features "
-                "transfer less well to grey images and vice versa"
-            ),
-            None if same else "warn",
-        )
-    )
-    s_side, t_side = source_summary.get("median_side"), target_summary.get("median_side")
-    if s_side and t_side:
-        ratio = max(s_side, t_side) / min(s_side, t_side)
-        ok = ratio <= MAX_SIZE_RATIO
-        checks.append(
-            _check(
-                "compatible_image_sizes",
-                ok,
-                f"median side {s_side:.0f}px (source) vs {t_side:.0f}px (target), "
-                f"ratio {ratio:.1f}x (limit {MAX_SIZE_RATIO:.0f}x)"
-                + (
-                    ""
-                    if ok
-                    else ": resizing this much changes the "
-                    "scale of the edges and blobs the early layers learned"
-                ),
-                None if ok else "warn",
-            )
-        )
-    else:
-        checks.append(_check("compatible_image_sizes", False, "image sizes unknown", "warn"))
-    n_source, budget = _source_train(source_summary), _target_budget(target_summary)
-    if budget > 0:
-        ratio = n_source / budget
-        ok = ratio >= min_ratio
-        checks.append(
-            _check(
-                "source_much_larger",
-                ok,
-                f"{n_source:,} source training images vs a target budget of {budget:,} "
-                f"labelled images: {ratio:,.1f}x (threshold {min_ratio:g}x)"
-                + ("" if ok else ": the source is not much larger, so pretraining may add little"),
-            )
-        )
-    else:
-        checks.append(
-            _check("source_much_larger", False, "the target has no labelled training images")
-        )
-    s_cls, t_cls = set(source_summary.get("classes", ())), set(target_summary.get("classes", ()))
-    shared = sorted(s_cls & t_cls)
-    if shared == sorted(t_cls) and t_cls:
-        note = "every target class name also exists in the source task"
-    elif shared:
-        note = f"shared: {', '.join(shared[:10])}{' ...' if len(shared) > 10 else ''}"
-    else:
-        note = "no shared class names: only the body transfers"
-    checks.append(
-        _check(
-            "class_overlap",
-            True,
-            f"{len(shared)} of {len(t_cls)} target classes appear among the {len(s_cls)} source "
-            f"classes ({note}; the output layer is re-initialised either way)",
-            "info",
-        )
-    )
-    return checks
 
 
 # --------------------------------------------------------------------------- sample efficiency

@@ -286,19 +286,24 @@ def test_compatibility(tmp_path):
     target = make_dataset(tmp_path, "target", mode="RGB")
     outcomes = check_compatibility(source, target, target_labelled=6)
     assert not failed(outcomes)
+    # the transfer-sense checks of transfer.checks, one GX expectation each
     (layout,) = [o for o in outcomes if not o.success]
-    assert layout.column == "layout" and layout.severity == "warning"
-    assert "target: image, color (modes RGB)" in layout.failing_rows
-    # a small source makes transfer doubtful (informational); target test images inside
-    # the source data contaminate the evaluation (error)
+    assert layout.column == "compatible_channels" and layout.severity == "warning"
+    assert layout.suite == "compatibility.transfer_sense"
+    assert "target channels [3] (colour)" in layout.failing_rows[0]
+    # a small source makes transfer doubtful (a warning unless require_transfer_sense);
+    # target test images inside the source data contaminate the evaluation (error)
     small = make_dataset(tmp_path, "small", mode="RGB")
     sdf = manifest(small)
     set_row(sdf, "0/train_0.png", sha256=sha_of(manifest(target), "2/test_1.png"))
     save(small, sdf)
     outcomes = check_compatibility(small, target)
-    ratio = next(o for o in outcomes if o.column == "ratio")
+    ratio = next(o for o in outcomes if o.column == "source_much_larger")
     assert not ratio.success and ratio.severity == "warning"
-    assert ratio.failing_rows == ["source train 18 images vs target labelled 18: ratio 1.0"]
+    assert ratio.failing_rows[0].startswith(
+        "18 source training images vs a target budget of 18 labelled images: 1.0x "
+        "(threshold 10x, validate.min_source_ratio)"
+    )
     (bad,) = failed(outcomes)
     assert bad.failing_rows == ["target 2/test_1.png [test] is also in the source data"]
 

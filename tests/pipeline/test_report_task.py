@@ -23,6 +23,7 @@ RUN_PARAMS = {
     "data": {"image_size": 16, "source": {"n": 600}, "target": {"test_size": 300}},
     "pretrain": {"arch": "tiny_cnn", "epochs": 2, "batch_size": 64},
     "finetune": {"strategy": "auto", "labels_per_class": 5, "epochs": 3, "batch_size": 16},
+    "validate": {"min_source_ratio": 5.0},  # the report must apply the run's thresholds
     "runtime": {"device": "cpu"},
 }
 
@@ -106,6 +107,8 @@ def test_report_for_run_reads_the_run_sweeps_and_logs(tmp_path: Path, monkeypatc
     assert set(data["sample_efficiency"]["curves"]) == {"scratch", "head"}
     assert data["summary"]["gain"] == pytest.approx(summary["gain"])
     assert data["notes"] == []
+    checks = {c["check"]: c for c in data["checks"]}  # transfer.checks, the run's params
+    assert "threshold 5x, validate.min_source_ratio" in checks["source_much_larger"]["detail"]
 
     client = MlflowClient()
     logged = {a.path for a in client.list_artifacts(run_id, "report")}

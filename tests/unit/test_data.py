@@ -206,6 +206,29 @@ def test_empty_class_folder(tmp_path: Path, folder: Path):
         prepare_source(folder_params(tmp_path, folder), progress=False)
 
 
+def test_strict_prepare_names_empty_classes_and_unreadable_files_at_once(
+    tmp_path: Path, folder: Path
+):
+    (folder / "empty").mkdir()
+    _truncate(folder / "a" / "003.png")
+    with pytest.raises(DataError) as info:
+        prepare_source(folder_params(tmp_path, folder), progress=False)
+    message = str(info.value)
+    assert "a/003.png" in message and str(folder / "empty") in message
+
+
+def test_record_bad_keeps_empty_and_too_small_classes_for_validation(
+    tmp_path: Path, folder: Path, caplog
+):
+    (folder / "empty").mkdir()
+    make_folder(folder, {"zz": 2})
+    with caplog.at_level(logging.WARNING):
+        dest = prepare_source(folder_params(tmp_path, folder), strict=False, progress=False)
+    assert (dest / "empty").is_dir()  # validation reports it as a class without images
+    assert {r.split for r in read_manifest(dest) if r.label == "zz"} == {"train"}
+    assert "empty" in caplog.text and "zz" in caplog.text
+
+
 def test_single_class(tmp_path: Path):
     root = make_folder(tmp_path / "one", {"only": 5})
     with pytest.raises(DataError, match="single class.*only"):

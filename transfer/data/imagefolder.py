@@ -3,11 +3,13 @@
 Class names are the sorted folder names. A top-level ``_unlabelled/`` folder holds
 unlabelled images (label "", split "unlabelled") for domain-adversarial training.
 Hidden files and folders (``.DS_Store``, ``.cache``) and loose files at the top level
-(a README, a manifest) are ignored.
+(a README, a manifest) are ignored. An empty class folder is not an error here: prepare
+copies it as an empty folder and validation reports it with the dataset's other problems.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from transfer.data.progress import progress_bar
 from transfer.errors import DataError
 
 UNLABELLED_DIR = "_unlabelled"
+EMPTY_MARKER = ".empty-class"  # hidden: never listed as a file
 
 
 @dataclass(frozen=True)
@@ -52,18 +55,35 @@ def list_imagefolder(root: str | Path) -> list[FolderFile]:
     files: list[FolderFile] = []
     for folder in folders:
         found = _visible_files(folder)
-        if not found and folder.name != UNLABELLED_DIR:
-            raise DataError(f"class folder {folder} is empty: add images or remove the folder")
         label = "" if folder.name == UNLABELLED_DIR else folder.name
         files += [FolderFile(p.relative_to(root).as_posix(), label) for p in found]
     return files
 
 
-def copy_imagefolder(
-    root: str | Path, dest: Path, *, files: list[FolderFile], progress: bool = True
-) -> list[ManifestRow]:
-    """Copy the files byte-for-byte into ``dest`` and describe each (readable or not)."""
+def empty_class_folders(root: str | Path) -> list[str]:
+    """Class folders holding no visible file (sorted names)."""
     root = Path(root)
+    return sorted(
+        p.name for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name != UNLABELLED_DIR
+        and not _visible_files(p)
+    )
+
+
+def copy_imagefolder(
+    root: str | Path, dest: Path, *, files: list[FolderFile], empty: Sequence[str] = (),
+    progress: bool = True,
+) -> list[ManifestRow]:
+    """Copy the files byte-for-byte into ``dest`` and describe each (readable or not).
+
+    ``empty`` class folders are created empty: validation counts them as classes with no
+    images and says so.
+    """
+    root = Path(root)
+    for name in empty:
+        (dest / name).mkdir(parents=True, exist_ok=True)
+        # DVC and git restore no empty folder: a hidden marker keeps the class on checkout
+        (dest / name / EMPTY_MARKER).write_text("class folder without images (see validation)\n")
     rows = []
     with progress_bar(progress) as track:
         for item in track(files, description=f"copying {root.name}", total=len(files)):

@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -91,22 +92,118 @@ def write_manifest(rows: Iterable[ManifestRow], dataset_dir: str | Path) -> Path
     return target
 
 
-def _parse_row(raw: dict[str, str], where: str) -> ManifestRow:
+# One spelling table for every reader: a value the loader accepts, validation accepts with
+# the same meaning, and anything else is rejected by both (an error, never a silent False).
+BOOL_SPELLINGS: dict[str, bool] = {
+    "true": True, "1": True, "yes": True, "false": False, "0": False, "no": False,
+}
+BOOL_HINT = "true/false, 1/0 or yes/no"
+
+
+def parse_bool(text: object) -> bool | None:
+    """``readable`` text -> bool (case and surrounding blanks ignored); None if not a boolean."""
+    if isinstance(text, bool):
+        return text
+    return BOOL_SPELLINGS.get(str(text).strip().lower()) if text is not None else None
+
+
+def parse_int(text: object) -> int | None:
+    """An integer column's text -> int (blanks ignored; "8.0" is not an integer); None if not."""
+    if text is None:
+        return None
     try:
-        return ManifestRow(
-            path=raw["path"],
-            label=raw["label"],
-            split=raw["split"],
-            width=int(raw["width"]),
-            height=int(raw["height"]),
-            mode=raw["mode"],
-            channels=int(raw["channels"]),
-            sha256=raw["sha256"],
-            readable=raw["readable"].strip().lower() == "true",
-            error=raw["error"] or "",
-        )
-    except (KeyError, ValueError, AttributeError) as error:
-        raise DataError(f"{where}: malformed manifest row {raw!r} ({error})") from None
+        return int(str(text).strip())
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class ManifestTable:
+    """A manifest as read from disk: header and rows as text, nothing interpreted yet."""
+
+    path: Path
+    columns: tuple[str, ...]
+    records: list[dict[str, str]]
+
+    def missing_columns(self) -> list[str]:
+        return sorted(set(MANIFEST_COLUMNS) - set(self.columns))
+
+    def frame(self) -> Any:
+        """The same rows as a pandas frame of strings (what the GX suites validate)."""
+        import pandas as pd  # only validation needs it
+
+        return pd.DataFrame(self.records, columns=list(self.columns), dtype=str)
+
+
+def read_manifest_table(dataset_dir: str | Path) -> ManifestTable:
+    """The one manifest reader: DataError if the file is missing or not a well-formed CSV."""
+    path = manifest_path(dataset_dir)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            lines = list(csv.reader(handle))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path} is not a readable CSV: {error}") from None
+    if not lines:
+        raise DataError(f"{path} is empty: no header row")
+    columns = tuple(c.strip() for c in lines[0])
+    records = []
+    for number, values in enumerate(lines[1:], start=2):
+        if not values:
+            continue  # a blank line
+        if len(values) != len(columns):
+            raise DataError(
+                f"{path} line {number}: {len(values)} fields, the header has {len(columns)}"
+            )
+        records.append(dict(zip(columns, values, strict=True)))
+    return ManifestTable(path, columns, records)
+
+
+def _row_problems(raw: dict[str, str]) -> tuple[bool | None, dict[str, int | None]]:
+    readable = parse_bool(raw["readable"])
+    ints = {c: parse_int(raw[c]) for c in ("width", "height", "channels")}
+    return readable, ints
+
+
+def parse_row(raw: dict[str, str], where: str, *, strict: bool = True) -> ManifestRow:
+    """One manifest record -> ManifestRow.
+
+    ``strict`` (the loader): a value that is not a boolean / integer is a DataError naming
+    the file. Not strict (validation, which reports those values itself): such a row is
+    kept as unreadable with the reason in ``error``, so summaries never count it.
+    """
+    readable, ints = _row_problems(raw)
+    bad = []
+    if readable is None:
+        bad.append(f"readable = {raw['readable']!r} is not a boolean ({BOOL_HINT})")
+    if readable:  # an unreadable row's sizes are not used: blank or 0 is fine
+        bad += [f"{c} = {raw[c]!r} is not an integer" for c, v in ints.items() if v is None]
+    if bad and strict:
+        raise DataError(f"{where}: row {raw.get('path', '')!r}: {'; '.join(bad)}")
+    usable = bool(readable) and not bad
+    return ManifestRow(
+        path=raw["path"].replace("\\", "/"),
+        label=raw["label"],
+        split=raw["split"],
+        width=(ints["width"] or 0) if usable else 0,
+        height=(ints["height"] or 0) if usable else 0,
+        mode=raw["mode"],
+        channels=(ints["channels"] or 0) if usable else 0,
+        sha256=raw["sha256"],
+        readable=usable,
+        error=raw["error"] or ("; ".join(bad) if bad else ""),
+    )
+
+
+def parse_rows(table: ManifestTable, *, strict: bool = True) -> list[ManifestRow]:
+    """All rows of a table; strict: DataError for missing columns or malformed values."""
+    missing = table.missing_columns()
+    if missing:
+        if strict:
+            raise DataError(f"{table.path}: manifest lacks columns {missing}")
+        records = [{c: "" for c in missing} | r for r in table.records]
+    else:
+        records = table.records
+    return [parse_row(r, str(table.path), strict=strict) for r in records]
 
 
 def manifest_path(dataset_dir: str | Path) -> Path:
@@ -119,13 +216,8 @@ def manifest_path(dataset_dir: str | Path) -> Path:
 
 
 def read_manifest(dataset_dir: str | Path) -> list[ManifestRow]:
-    path = manifest_path(dataset_dir)
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or ())
-        if missing:
-            raise DataError(f"{path}: manifest lacks columns {sorted(missing)}")
-        return [_parse_row(raw, str(path)) for raw in reader]
+    """The manifest's rows for the loader (strict: a malformed row is a DataError)."""
+    return parse_rows(read_manifest_table(dataset_dir))
 
 
 def manifest_sha256(dataset_dir: str | Path) -> str:

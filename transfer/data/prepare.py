@@ -18,14 +18,14 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from transfer.config import DataParams
 from transfer.data.digits import write_sklearn_digits
 from transfer.data.fonts import digit_fonts, write_font_digits
-from transfer.data.imagefolder import copy_imagefolder, list_imagefolder
+from transfer.data.imagefolder import copy_imagefolder, empty_class_folders, list_imagefolder
 from transfer.data.manifest import (
     UNLABELLED,
     ManifestRow,
@@ -33,7 +33,7 @@ from transfer.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from transfer.data.splits import assign_splits, check_splits
+from transfer.data.splits import MIN_PER_CLASS, assign_splits, check_splits
 from transfer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,28 @@ def _check_classes_left(before: list[ManifestRow], after: list[ManifestRow], ori
         raise DataError(f"{origin}: fewer than two classes have readable images")
 
 
+def _describe_empty(empty: Sequence[str], origin: Path) -> str:
+    return f"{len(empty)} empty class folder(s): " + "; ".join(str(origin / e) for e in empty)
+
+
 def handle_bad_files(
-    rows: list[ManifestRow], tmp: Path, origin: Path, *, skip: bool, strict: bool
+    rows: list[ManifestRow], tmp: Path, origin: Path, *, skip: bool, strict: bool,
+    empty_classes: Sequence[str] = (),
 ) -> list[ManifestRow]:
-    """Unreadable files: drop (skip), raise (strict) or keep as readable=False rows."""
+    """Unreadable files: drop (skip), raise (strict) or keep as readable=False rows.
+
+    Strict names every unreadable file and empty class folder in one error; otherwise an
+    empty class folder stays (empty) for validation to report with the rest.
+    """
     bad = [r for r in rows if not r.readable]
+    problems = [_describe(bad, origin)] if bad and not skip else []
+    problems += [_describe_empty(empty_classes, origin)] if empty_classes else []
+    if strict and problems:
+        hint = " (or add images to / remove the empty folders)" if empty_classes else ""
+        raise DataError(f"{origin}: {'; '.join(problems)}. Fix: {SKIP_HINT}{hint}")
+    if empty_classes:
+        log.warning("%s: %s (validation reports them)", origin,
+                    _describe_empty(empty_classes, origin))
     if not bad:
         return rows
     message = _describe(bad, origin)
@@ -104,29 +121,44 @@ def handle_bad_files(
         kept = [r for r in rows if r.readable]
         _check_classes_left(rows, kept, origin)
         return kept
-    if strict:
-        raise DataError(f"{origin}: {message}. Fix: {SKIP_HINT}")
     log.warning("%s: keeping %s as readable=False in the manifest", origin, message)
     return rows
 
 
 # ---------------------------------------------------------------- splits
+def _too_small(labelled: list[ManifestRow]) -> set[str]:
+    """Classes with fewer distinct images than one per split."""
+    distinct: dict[str, set[str]] = {}
+    for row in labelled:
+        distinct.setdefault(row.label, set()).add(row.sha256)
+    return {label for label, hashes in distinct.items() if len(hashes) < MIN_PER_CLASS}
+
+
 def split_rows(
     rows: list[ManifestRow], *, test_size: int | float, val_size: int | float, seed: int,
-    origin: Path,
+    origin: Path, strict: bool = True,
 ) -> list[ManifestRow]:
     """Stratified splits over the readable labelled rows.
 
     Unreadable rows (kept only when strict=False) go to "train", where loading skips
     them, so they never take a val/test slot; unlabelled rows go to "unlabelled".
+    Not strict: a class too small for three splits goes to "train" whole, and validation
+    reports it (with the other problems) instead of this step stopping on it.
     """
     labelled = [r for r in rows if r.label and r.readable]
+    small = set() if strict else _too_small(labelled)
+    if small:
+        log.warning("%s: class(es) %s too small for train/val/test: kept in train for "
+                    "validation to report", origin, ", ".join(sorted(small)))
+    held = [r for r in labelled if r.label in small]
+    labelled = [r for r in labelled if r.label not in small]
     splits = assign_splits(
         [r.path for r in labelled], [r.label for r in labelled],
         test_size=test_size, val_size=val_size, seed=seed, groups=[r.sha256 for r in labelled],
-    )
+    ) if labelled else []
     check_splits([r.label for r in labelled], splits, str(origin))
     out = [r.with_split(s) for r, s in zip(labelled, splits, strict=True)]
+    out += [r.with_split("train") for r in held]
     out += [r.with_split("train") for r in rows if r.label and not r.readable]
     return out + [r.with_split(UNLABELLED) for r in rows if not r.label]
 
@@ -176,28 +208,31 @@ Producer = Callable[[Path], list[ManifestRow]]
 
 def _build(
     dest: Path, recipe: dict[str, Any], produce: Producer, sizes: Callable[[int], tuple[Any, Any]],
-    *, origin: Path, params: DataParams, strict: bool,
+    *, origin: Path, params: DataParams, strict: bool, empty_classes: Sequence[str] = (),
 ) -> Path:
     recipe = {**recipe, "seed": params.seed, "skip_bad_images": params.skip_bad_images,
-              "strict": strict}
+              "strict": strict, "empty_classes": list(empty_classes)}
     recipe = json.loads(json.dumps(recipe))  # normalise (tuples -> lists) for comparison
     if _is_current(dest, recipe):
         log.info("%s is up to date; reusing it", dest)
         return dest
     with atomic_dir(dest) as tmp:
         rows = produce(tmp)
-        rows = handle_bad_files(rows, tmp, origin, skip=params.skip_bad_images, strict=strict)
+        rows = handle_bad_files(rows, tmp, origin, skip=params.skip_bad_images, strict=strict,
+                                empty_classes=empty_classes)
         test_size, val_size = sizes(sum(1 for r in rows if r.label and r.readable))
         rows = split_rows(rows, test_size=test_size, val_size=val_size, seed=params.seed,
-                          origin=origin)
+                          origin=origin, strict=strict)
         write_manifest(rows, tmp)
     _write_stamp(dest, recipe)  # after the rename: a stamp never describes a torn build
     return dest
 
 
-def _imagefolder_producer(root: Path, progress: bool) -> Producer:
-    files = list_imagefolder(root)  # validate before any copying
-    return functools.partial(copy_imagefolder, root, files=files, progress=progress)
+def _imagefolder_producer(root: Path, progress: bool) -> tuple[Producer, list[str]]:
+    """The copying producer and the empty class folders (validated before any copying)."""
+    files, empty = list_imagefolder(root), empty_class_folders(root)
+    return functools.partial(
+        copy_imagefolder, root, files=files, empty=empty, progress=progress), empty
 
 
 def _source_sizes(test_fraction: float, val_fraction: float, n: int) -> tuple[float, float]:
@@ -217,12 +252,13 @@ def prepare_source(params: DataParams, *, strict: bool = True, progress: bool = 
             write_font_digits, n=spec.n, image_size=params.image_size, seed=params.seed,
             progress=progress,
         )
-        origin = Path("data.source (fonts)")
+        origin, empty = Path("data.source (fonts)"), []
     else:
         origin = Path(spec.path or "")
-        produce = _imagefolder_producer(origin, progress)
+        produce, empty = _imagefolder_producer(origin, progress)
         recipe |= {"path": spec.path, "listing": _listing_digest(origin)}
-    return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict)
+    return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict,
+                  empty_classes=empty)
 
 
 def prepare_target(params: DataParams, *, strict: bool = True, progress: bool = True) -> Path:
@@ -233,12 +269,13 @@ def prepare_target(params: DataParams, *, strict: bool = True, progress: bool = 
         recipe |= {"image_size": params.image_size, "version": RECIPE_VERSION}
         produce: Producer = functools.partial(
             write_sklearn_digits, image_size=params.image_size, progress=progress)
-        origin = Path("data.target (sklearn_digits)")
+        origin, empty = Path("data.target (sklearn_digits)"), []
     else:
         origin = Path(spec.path or "")
-        produce = _imagefolder_producer(origin, progress)
+        produce, empty = _imagefolder_producer(origin, progress)
         recipe |= {"path": spec.path, "listing": _listing_digest(origin)}
-    return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict)
+    return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict,
+                  empty_classes=empty)
 
 
 def prepare_datasets(
