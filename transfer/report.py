@@ -1015,7 +1015,8 @@ def _checks_html(checks: list[dict[str, Any]] | None) -> str:
 def _cell(mean: float, row: Mapping[str, Any] | None) -> str:
     if not row or int(len(row.get("values") or [])) < 2:
         return f"{mean:.3f}"
-    return f"{mean:.3f} <span class=muted>[{float(row['ci_low']):.3f}, {float(row['ci_high']):.3f}]</span>"
+    low, high = max(float(row["ci_low"]), 0.0), min(float(row["ci_high"]), 1.0)  # accuracies live in [0, 1]
+    return f"{mean:.3f} <span class=muted>[{low:.3f}, {high:.3f}]</span>"
 
 
 def _efficiency_statements(analysis: Mapping[str, Any]) -> str:
