@@ -595,11 +595,13 @@ def _draw_curves(
                 ha="center",
                 fontsize=7,
             )
+    floor_colours = iter(["darkred", "darkgoldenrod", "teal", "black"])  # apart from the strategies'
     for name, row in ((analysis or {}).get("floors") or {}).items():
         pts = sorted((int(k), float(v["mean"])) for k, v in row.items())
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, linestyle=":", linewidth=1, marker=".", label=f"floor: {name}")
+            ax.plot(xs, ys, linestyle=":", linewidth=1.2, marker=".", color=next(floor_colours, None),
+                    label=f"floor: {name}")
     if run_point and run_point.get("k"):
         k = int(run_point["k"])
         for key, label, colour in (
