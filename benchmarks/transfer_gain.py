@@ -183,13 +183,16 @@ def markdown(a: dict[str, Any], ks: list[int], names: list[str], seeds: list[int
     return "\n".join(lines)
 
 
+def _p(p: float | None) -> str:
+    return "n/a" if p is None else format_p(p)
+
+
 def verdicts(a: dict[str, Any], ks: list[int], seeds: list[int]) -> list[str]:
     out = []
     for k in ks:
         best, fl = a["val_best"][k], a["floors_vs_val_best"][k]
         beaten = [f for f in FLOORS if fl[f]["beats"]]
-        detail = ", ".join(f"{f} {fl[f]['mean']:+.3f} (p {format_p(fl[f]['p_value']) if fl[f]['p_value'] is not None else 'n/a'})"
-                           for f in FLOORS)
+        detail = ", ".join(f"{f} {fl[f]['mean']:+.3f} (p {_p(fl[f]['p_value'])})" for f in FLOORS)
         verdict = ("beats all three floors" if len(beaten) == len(FLOORS)
                    else f"does NOT beat {', '.join(f for f in FLOORS if f not in beaten)} significantly")
         out.append(f"- k={k}: val-best strategy {best} {verdict} (test, paired t across seeds: {detail}).")

@@ -44,7 +44,8 @@ class SeedGain:
         return self.significant(alpha) and self.mean > 0
 
     def describe(self) -> str:
-        p = "n/a (1 seed)" if math.isnan(self.p_value) else format_p(self.p_value)
+        why = "1 seed" if self.n_seeds < 2 else "no spread across seeds"
+        p = f"n/a ({why})" if math.isnan(self.p_value) else format_p(self.p_value)
         return f"{self.mean:+.3f} [{self.ci_low:+.3f}, {self.ci_high:+.3f}], paired t p = {p}"
 
     def to_json(self) -> dict[str, Any]:
@@ -60,7 +61,9 @@ def seed_gain(a: Sequence[float], b: Sequence[float]) -> SeedGain:
     if x.size < 2:
         p = float("nan")
     elif np.allclose(x - y, (x - y)[0]):
-        p = 1.0 if math.isclose(float((x - y)[0]), 0.0, abs_tol=1e-12) else 0.0  # no spread
+        # No spread across seeds: the t-test is undefined; a zero difference is no gain, any
+        # other is left unproven (nan) rather than declared infinitely significant.
+        p = 1.0 if math.isclose(float((x - y)[0]), 0.0, abs_tol=1e-12) else float("nan")
     else:
         p = float(sps.ttest_rel(x, y).pvalue)
     return SeedGain(diff.mean, diff.ci_low, diff.ci_high, p, int(x.size))

@@ -1026,7 +1026,8 @@ def _efficiency_statements(analysis: Mapping[str, Any]) -> str:
     items = []
     saved = analysis.get("labels_saved") or {}
     if saved.get("text"):
-        who = f" ({saved['strategy']}, best on {analysis.get('basis', 'validation')})" if saved.get("strategy") else ""
+        basis = analysis.get("basis", "validation")
+        who = f" ({saved['strategy']}, best on {basis})" if saved.get("strategy") else ""
         items.append(f"<strong>Labels saved</strong>{html.escape(who)}: {html.escape(saved['text'])}.")
     stops = analysis.get("gain_stops_significant") or {}
     if stops.get("text"):
@@ -1038,7 +1039,8 @@ def _efficiency_statements(analysis: Mapping[str, Any]) -> str:
         if v.get("beats_all"):
             verdict = "beats all three classical floors"
         else:
-            verdict = "does <strong>not</strong> beat " + html.escape(", ".join(v.get("not_beaten") or [])) + " significantly"
+            missed = html.escape(", ".join(v.get("not_beaten") or []))
+            verdict = f"does <strong>not</strong> beat {missed} significantly"
         detail = ", ".join(f"{html.escape(f)} {g['mean']:+.3f}" for f, g in v["vs"].items())
         items.append(f"k={int(k)}: {html.escape(str(v['strategy']))} {verdict} ({detail}).")
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>" if items else ""

@@ -33,6 +33,9 @@ def test_seed_gain_is_a_paired_t_test():
     assert not flat.significant() and not flat.better()
     single = seed_gain([0.9], [0.8])
     assert math.isnan(single.p_value) and not single.significant() and "1 seed" in single.describe()
+    same = seed_gain([0.9, 0.8], [0.8, 0.7])  # identical differences: no t-test, no claim
+    assert math.isnan(same.p_value) and not same.better() and "no spread" in same.describe()
+    assert seed_gain([0.8, 0.7], [0.8, 0.7]).p_value == 1.0
     with pytest.raises(ValueError, match="paired by seed"):
         seed_gain([0.9, 0.8], [0.8])
 
