@@ -14,7 +14,9 @@ Settings (fixed beforehand, never tuned on test; scikit-learn defaults where the
   max_iter=1000)`` on the labelled subset plus the unlabelled pool (labels hidden). The knn
   kernel, because the default rbf kernel (gamma=20) underflows to an all-zero graph on
   1,024 pixels in [0, 1] (squared distances in the tens); knn graphs do not depend on scale.
-  Without an unlabelled pool it spreads over the labelled images only.
+  Without an unlabelled pool it spreads over the labelled images only. The pool may hold the
+  labelled images too (the pipeline's unlabelled target is the whole train pool): a labelled
+  image's unlabelled copy is its own nearest neighbour and takes its label, harmless.
 """
 
 from __future__ import annotations

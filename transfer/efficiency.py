@@ -111,9 +111,9 @@ def gain_stops_significant(gains: Mapping[int, SeedGain], alpha: float = ALPHA) 
     elif stop is None:
         text = f"the gain is significant (p < {alpha}) at every k in the sweep ({', '.join(map(str, ks))})"
     elif stop == ks[0]:
-        text = f"the gain is not significant even at the smallest k={stop} ({gains[stop].describe()})"
+        text = f"transfer is not a significant gain over scratch even at the smallest k={stop} ({gains[stop].describe()})"
     else:
-        text = f"the gain stops being significant at k={stop} ({gains[stop].describe()})"
+        text = f"transfer stops being a significant gain over scratch at k={stop} ({gains[stop].describe()})"
     return {"k": stop, "alpha": alpha, "text": text}
 
 

@@ -55,7 +55,7 @@ def test_labels_saved_and_where_the_gain_stops():
     assert never["k_scratch_match"] is None and "not reach" in never["text"]
     gains = gains_over_scratch(TEST)["full"]
     stops = gain_stops_significant(gains)
-    assert stops["k"] == 20 and "stops being significant at k=20" in stops["text"]
+    assert stops["k"] == 20 and "stops being a significant gain over scratch at k=20" in stops["text"]
     assert gain_stops_significant({1: gains[1], 5: gains[5]})["k"] is None
 
 
