@@ -73,3 +73,35 @@ def test_efficiency_analysis_states_labels_saved_significance_and_floors():
     assert efficiency_analysis(TEST, VAL, floors, default_k=7)["labels_saved"]["text"].startswith("the default k=7")
     no_val = efficiency_analysis(TEST, None, None, default_k=5)
     assert no_val["basis"].startswith("test") and no_val["best"][1] == "full"
+
+
+def test_the_benchmark_ranks_and_recommends_on_validation_never_on_test():
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(__file__).parents[2] / "benchmarks" / "transfer_gain.py"
+    spec = importlib.util.spec_from_file_location("transfer_gain_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+
+    def run(val: float, test: float, seed: int) -> dict:
+        correct = rng.random(400) < test + 0.01 * seed
+        return {"val": val + 0.01 * seed, "test": float(correct.mean()), "test_correct": correct}
+
+    # (val, test) per name and k: "head" looks best on val, "full" is best on test.
+    figures = {"scratch": {1: (0.3, 0.3), 5: (0.7, 0.7)}, "head": {1: (0.9, 0.5), 5: (0.75, 0.72)},
+               "full": {1: (0.5, 0.8), 5: (0.72, 0.9)}, "logreg": {1: (0.6, 0.6), 5: (0.8, 0.8)},
+               "svc_rbf": {1: (0.6, 0.6), 5: (0.8, 0.8)}, "label_spreading": {1: (0.6, 0.6), 5: (0.8, 0.8)}}
+    runs = {n: {k: [run(*vt, s) for s in range(3)] for k, vt in row.items()} for n, row in figures.items()}
+    a = bench.analyse(runs, [1, 5], ["scratch", "head", "full"])
+    assert a["val_ranking"] == {1: ["head", "full"], 5: ["head", "full"]}
+    assert a["default"]["k"] == 1 and a["default"]["strategy"] == "head"  # val gain +0.6 at k=1
+    assert a["labels_saved"]["k_transfer"] == 1 and a["labels_saved"]["k_scratch_match"] == 5
+    assert not a["floors_vs_val_best"][1]["logreg"]["beats"]  # head's test 0.5 < logreg 0.6
+    table = bench.markdown(a, [1, 5], ["scratch", "head", "full"], [0, 1, 2],
+                           {"source_test_accuracy": 0.99, "n_val": 100, "n_test": 400})
+    assert "| 1 | **head** | 1 |" in table and "does NOT beat" in table
+    assert "Recommended default finetune.labels_per_class = 1" in table
