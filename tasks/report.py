@@ -394,12 +394,14 @@ def report_for_run(
     epochs: int | None = None,
     *,
     progress: bool = False,
+    seeds: int = core.DEFAULT_SEEDS,
 ) -> dict[str, Path]:
     """Write the report of a pipeline run (default: the latest finished one), log it to the run.
 
     ``out_dir`` defaults to ``<artifacts_dir>/report/<run_id>``; ``epochs`` overrides
     ``finetune.epochs`` for a quick sweep. Returns the written files (``html``, ``png``,
-    ``json``, ``curve``, ``confusion_*``).
+    ``json``, ``curve``, ``confusion_*``). The sweep runs ``seeds`` seeds per point (the
+    run's ``runtime.seed`` and the next ones) for its error bars and significance figures.
     """
     data, rp, source_path, run = gather(params, run_id)
     rid = run.info.run_id
@@ -414,6 +416,7 @@ def report_for_run(
                 Path(params.runtime.artifacts_dir) / "report" / "sweep",
                 progress,
                 epochs=epochs,
+                seeds=[rp.runtime.seed + i for i in range(max(int(seeds), 1))],
             )
         except TransferError as error:
             data["notes"].append(f"sample-efficiency sweep failed: {error}")
@@ -423,6 +426,13 @@ def report_for_run(
             "notes": curves.notes,
             "epochs": epochs,
             "points": curves.points,
+            "seeds": curves.seeds,
+            "val": curves.val,
+            "floors": curves.floors,
+            "seed_list": curves.seed_list,
+            "analysis": core.efficiency_analysis(
+                curves.seeds, curves.val, curves.floors, rp.finetune.labels_per_class
+            ),
         }
     out = Path(out_dir) if out_dir else Path(params.runtime.artifacts_dir) / "report" / rid
     paths = core.build_report(data, out)

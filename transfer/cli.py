@@ -250,13 +250,14 @@ def report(
     ks: Annotated[str, typer.Option(help="labels per class for the sample-efficiency curve")] = "1,5,10,50",
     strategies: Annotated[str, typer.Option(help="strategies on the curve (scratch always)")] = "head,full",
     epochs: Annotated[int | None, typer.Option(help="fine-tune epochs for the curve (default finetune.epochs)")] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="seeds per curve point (error bars, paired t-test)")] = 3,
 ) -> None:
     """HTML + PNG transfer report of a run, also logged to its MLflow run."""
     from tasks.report import report_for_run
 
     params = _params(params_file, overrides)
     paths = report_for_run(params, run_id, out, [int(k) for k in ks.split(",")],
-                           [s for s in strategies.split(",") if s], epochs)
+                           [s for s in strategies.split(",") if s], epochs, seeds=seeds)
     for name, path in paths.items():
         console.print(f"{name}: {path}")
 

@@ -19,7 +19,9 @@ The ``data`` dict (every key optional; a missing part shows as "not available"):
               promoted, promotion_reason, data_version: {source, target}}
     datasets: {source: dataset_summary(...), target: dataset_summary(...)}
     checks: [{check, passed, detail, level}]      # default: transfer_sense_checks(datasets)
-    sample_efficiency: {curves: {strategy: {k: accuracy}}, notes: [str], epochs: int | None}
+    sample_efficiency: {curves: {strategy: {k: mean accuracy}}, notes: [str], epochs: int | None,
+                        seeds: {strategy: {k: [acc]}}, val: {...}, floors: {floor: {k: [acc]}},
+                        analysis: efficiency_analysis(...)}
     confusion: {transfer: {matrix, classes, accuracy}, scratch: {...}}
     source_model: {weights_sha256, origin, reused, initial_weights, source_data_version,
                    source_test_accuracy, arch, run_id, model_dir, recorded_weights_sha256}
@@ -52,36 +54,47 @@ log = logging.getLogger(__name__)
 SCRATCH = "scratch"
 DEFAULT_KS = (1, 5, 10, 50)
 DEFAULT_STRATEGIES = ("head", "full")
+DEFAULT_SEEDS = 3  # seeds per sweep point: error bars and a paired t-test need more than one
 
 
 # --------------------------------------------------------------------------- sample efficiency
 
 
 class Curves(dict):
-    """``curves[strategy][k] = test accuracy``, with ``notes`` (skipped points) and ``points``."""
+    """``curves[strategy][k]`` = mean test accuracy over seeds, with ``notes`` (skipped points),
+    ``points`` (one per strategy, k, seed), ``seeds[strategy][k]`` and ``val[strategy][k]``
+    (per-seed test / validation accuracies, seed order) and ``floors[floor][k]`` (per-seed
+    test accuracies of the classical floors, same k-label subsets)."""
 
     def __init__(self, *args: Any, notes: list[str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.notes: list[str] = list(notes or [])
         self.points: list[dict[str, Any]] = []
+        self.seeds: dict[str, dict[int, list[float]]] = {}
+        self.val: dict[str, dict[int, list[float]]] = {}
+        self.floors: dict[str, dict[int, list[float]]] = {}
+        self.seed_list: list[int] = []
 
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _test_accuracy(model_dir: Path, test: Any, device: Any) -> float:
+def _accuracy_on(model_dir: Path, splits: Mapping[str, Any], device: Any) -> dict[str, float]:
     from transfer.models import load_model_dir
     from transfer.train import predict_proba
 
     model, meta = load_model_dir(model_dir)
     model.to(device)  # predict_proba moves the images, not the model
-    if list(meta.get("classes", test.classes)) != list(test.classes):
-        raise TransferError(
-            f"{model_dir} knows classes {meta.get('classes')}, the test split {test.classes}"
-        )
-    probs = predict_proba(model, test, device)
-    return float((probs.argmax(dim=1) == test.labels).float().mean())
+    out = {}
+    for name, data in splits.items():
+        if list(meta.get("classes", data.classes)) != list(data.classes):
+            raise TransferError(
+                f"{model_dir} knows classes {meta.get('classes')}, the {name} split {data.classes}"
+            )
+        probs = predict_proba(model, data, device)
+        out[name] = float((probs.argmax(dim=1) == data.labels).float().mean())
+    return out
 
 
 def _check_strategies(strategies: Sequence[str]) -> list[str]:
@@ -104,14 +117,19 @@ def sample_efficiency(
     include_scratch: bool = True,
     keep_models: bool = False,
     on_point: Callable[[str, int, float], None] | None = None,
+    seeds: Sequence[int] | None = None,
+    floors: bool = True,
 ) -> Curves:
-    """Test accuracy vs labels per class, from scratch and for each fine-tuning strategy.
+    """Test accuracy vs labels per class over seeds, from scratch and for each strategy.
 
-    Every point trains with ``params`` except ``finetune.labels_per_class = k`` (and
-    ``finetune.epochs = epochs`` when given, for a quick sweep) and is scored on the fixed
-    target test split. A k larger than the smallest class of the target train split is
-    skipped with a note. Points are cached under ``work_dir`` by a key of everything that
-    determines them, so a second report of the same run trains nothing.
+    Every point trains with ``params`` except ``finetune.labels_per_class = k``,
+    ``runtime.seed = seed`` (the k-label subset and the init; default: ``[runtime.seed]``)
+    and ``finetune.epochs = epochs`` when given, for a quick sweep. Each is scored on the
+    target validation split (what choices use) and the fixed test split (what is shown).
+    With ``floors`` the classical floors (``transfer.baselines``) train on the same k-label
+    subsets. A k larger than the smallest class of the target train split is skipped with a
+    note. Points are cached under ``work_dir`` by a key of everything that determines them,
+    so a second report of the same run trains nothing.
     """
     from transfer import stages
     from transfer.data import dataset_version, load_split
@@ -124,14 +142,17 @@ def sample_efficiency(
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise TransferError(f"labels per class must be >= 1, got {ks}")
+    seed_list = list(dict.fromkeys(int(s) for s in (seeds if seeds else [params.runtime.seed])))
     target_dir = stages.dataset_dirs(params)["target"]
     size, channels = params.data.image_size, params.data.channels
     counts = load_split(target_dir, "train", size, channels).class_counts()
-    test = load_split(target_dir, "test", size, channels)
+    eval_splits = {name: load_split(target_dir, name, size, channels) for name in ("test", "val")}
+    eval_splits = {name: data for name, data in eval_splits.items() if len(data)}
     smallest = min(counts.values()) if counts else 0
     _, source_meta = load_model_dir(source_model_dir)
     device = resolve_device(params.runtime.device)
     curves = Curves()
+    curves.seed_list = seed_list
     usable = [k for k in ks if k <= smallest]
     for k in ks:
         if k > smallest:
@@ -144,53 +165,64 @@ def sample_efficiency(
         "arch": params.pretrain.arch,
         "size": size,
         "channels": channels,
-        "seed": params.runtime.seed,
     }
     for name in names:
         for k in usable:
-            p = params.model_copy(deep=True)
-            p.finetune.labels_per_class = k
-            if epochs is not None:
-                p.finetune.epochs = epochs
-            source_sha = None if name == SCRATCH else source_meta.get("weights_sha256")
-            key = _key(base, name, p.finetune.model_dump(mode="json"), source_sha)
-            point_dir = Path(work_dir) / f"{name}-k{k}-{key}"
             try:
-                accuracy, seconds, cached = _point(
-                    stages,
-                    p,
-                    name,
-                    source_model_dir,
-                    point_dir,
-                    test,
-                    device,
-                    progress,
-                    keep_models,
-                )
+                for seed in seed_list:
+                    p = params.model_copy(deep=True)
+                    p.finetune.labels_per_class = k
+                    p.runtime.seed = seed
+                    p.data.seed = seed  # the k-label draw (target_splits) varies with the seed too
+                    if epochs is not None:
+                        p.finetune.epochs = epochs
+                    source_sha = None if name == SCRATCH else source_meta.get("weights_sha256")
+                    key = _key({**base, "seed": seed}, name, p.finetune.model_dump(mode="json"), source_sha)
+                    point_dir = Path(work_dir) / f"{name}-k{k}-s{seed}-{key}"
+                    acc, seconds, cached = _point(
+                        stages, p, name, source_model_dir, point_dir, eval_splits, device, progress,
+                        keep_models,
+                    )
+                    curves.seeds.setdefault(name, {}).setdefault(k, []).append(acc["test"])
+                    if "val" in acc:
+                        curves.val.setdefault(name, {}).setdefault(k, []).append(acc["val"])
+                    curves.points.append(
+                        {"strategy": name, "k": k, "seed": seed, "accuracy": acc["test"],
+                         "val_accuracy": acc.get("val"), "seconds": seconds, "cached": cached}
+                    )
+                    log.info("sample efficiency: %s k=%d seed=%d -> %.4f (%.1fs%s)", name, k, seed,
+                             acc["test"], seconds, ", cached" if cached else "")
             except TransferError as error:
                 curves.notes.append(f"{name} skipped from k={k} on: {error}")
+                curves.seeds.get(name, {}).pop(k, None)
+                curves.val.get(name, {}).pop(k, None)
                 break
-            curves.setdefault(name, {})[k] = accuracy
-            curves.points.append(
-                {
-                    "strategy": name,
-                    "k": k,
-                    "accuracy": accuracy,
-                    "seconds": seconds,
-                    "cached": cached,
-                }
-            )
-            log.info(
-                "sample efficiency: %s k=%d -> %.4f (%.1fs%s)",
-                name,
-                k,
-                accuracy,
-                seconds,
-                ", cached" if cached else "",
-            )
+            curves.setdefault(name, {})[k] = float(np.mean(curves.seeds[name][k]))
             if on_point is not None:
-                on_point(name, k, accuracy)
+                on_point(name, k, curves[name][k])
+    if floors:
+        _floors(curves, stages, params, usable, seed_list, eval_splits["test"])
     return curves
+
+
+def _floors(curves: Curves, stages: Any, params: Params, ks: Sequence[int], seeds: Sequence[int],
+            test: Any) -> None:
+    """Logistic regression, RBF SVC, LabelSpreading on raw pixels, same k-label subsets."""
+    from transfer.baselines import classical_floors
+
+    for k in ks:
+        for seed in seeds:
+            p = params.model_copy(deep=True)
+            p.finetune.labels_per_class, p.runtime.seed = k, seed
+            p.data.seed = seed  # the k-label draw (target_splits) varies with the seed too
+            try:
+                train = stages.target_splits(p)["train"]
+                result = classical_floors(train, test, stages.unlabelled_target(p), seed=seed)["test"]
+            except (TransferError, ValueError) as error:
+                curves.notes.append(f"classical floors skipped at k={k}: {error}")
+                break
+            for name, floor in result.items():
+                curves.floors.setdefault(name, {}).setdefault(k, []).append(floor.accuracy)
 
 
 def _point(
@@ -199,15 +231,18 @@ def _point(
     name: str,
     source_model_dir: str | Path,
     point_dir: Path,
-    test: Any,
+    splits: Mapping[str, Any],
     device: Any,
     progress: bool,
     keep_models: bool,
-) -> tuple[float, float, bool]:
+) -> tuple[dict[str, float], float, bool]:
     result_file = point_dir / "result.json"
     if result_file.exists():
         cached = json.loads(result_file.read_text())
-        return float(cached["accuracy"]), float(cached["seconds"]), True
+        acc = {"test": float(cached["accuracy"])}
+        if cached.get("val_accuracy") is not None:
+            acc["val"] = float(cached["val_accuracy"])
+        return acc, float(cached["seconds"]), True
     started = time.perf_counter()
     if name == SCRATCH:
         trained = stages.train_scratch(params, point_dir, progress=progress)
@@ -216,7 +251,7 @@ def _point(
         trained = stages.finetune(
             params, source_model_dir, point_dir, strategy=strategy, progress=progress
         )
-    accuracy = _test_accuracy(Path(trained.model_dir), test, device)
+    acc = _accuracy_on(Path(trained.model_dir), splits, device)
     seconds = time.perf_counter() - started
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(
@@ -225,8 +260,10 @@ def _point(
                 "strategy": name,
                 "resolved_strategy": trained.strategy,
                 "k": params.finetune.labels_per_class,
+                "seed": params.runtime.seed,
                 "epochs": params.finetune.epochs,
-                "accuracy": accuracy,
+                "accuracy": acc["test"],
+                "val_accuracy": acc.get("val"),
                 "seconds": seconds,
             },
             indent=2,
@@ -235,7 +272,64 @@ def _point(
     if not keep_models:
         for sub in ("model", "checkpoints"):
             shutil.rmtree(point_dir / sub, ignore_errors=True)
-    return accuracy, seconds, False
+    return acc, seconds, False
+
+
+def efficiency_analysis(
+    seeds: Mapping[str, Mapping[Any, Sequence[float]]],
+    val: Mapping[str, Mapping[Any, Sequence[float]]] | None = None,
+    floors: Mapping[str, Mapping[Any, Sequence[float]]] | None = None,
+    default_k: int | None = None,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Mean and 95% t-interval per point, gains over scratch (paired t across seeds), the
+    "labels saved" statement, where the gain stops being significant, and the floors.
+
+    The strategy behind the statements is the one with the best mean VALIDATION accuracy at
+    ``default_k`` (test means when no val figures were recorded, said so in ``basis``).
+    """
+    from transfer import efficiency as eff
+    from transfer.stats import over_seeds
+
+    grid = {n: {int(k): list(v) for k, v in row.items()} for n, row in seeds.items()}
+    vgrid = {n: {int(k): list(v) for k, v in row.items()} for n, row in (val or {}).items()}
+    fgrid = {n: {int(k): list(v) for k, v in row.items()} for n, row in (floors or {}).items()}
+    out: dict[str, Any] = {
+        "summary": {n: {k: over_seeds(v).to_json() for k, v in row.items()} for n, row in grid.items()},
+        "floors": {n: {k: over_seeds(v).to_json() for k, v in row.items()} for n, row in fgrid.items()},
+        "gains": {n: {k: g.to_json() | {"significant": g.better(alpha)} for k, g in row.items()}
+                  for n, row in eff.gains_over_scratch(grid).items()},
+        "n_seeds": max((len(v) for row in grid.values() for v in row.values()), default=0),
+    }
+    strategies = [n for n in grid if n != SCRATCH]
+    ks = sorted({k for row in grid.values() for k in row})
+    if not strategies or SCRATCH not in grid or not ks:
+        return out
+    k0 = int(default_k) if default_k is not None and int(default_k) in grid[strategies[0]] else None
+    basis = "validation" if vgrid else "test (no validation figures)"
+    chooser = {n: vgrid[n] for n in strategies if n in vgrid} if vgrid else {n: grid[n] for n in strategies}
+    best = {k: eff.best_by_val(chooser, k, exclude=()) for k in ks}
+    out["best"], out["basis"] = best, basis
+    gains = eff.gains_over_scratch(grid)
+    best_gains = {k: gains[best[k]][k] for k in ks if best[k] in gains and k in gains[best[k]]}
+    out["gain_stops_significant"] = eff.gain_stops_significant(best_gains, alpha)
+    if k0 is None:
+        out["labels_saved"] = {"text": f"the default k={default_k} is not in the sweep: no labels-saved figure"}
+    else:
+        transfer = float(np.mean(grid[best[k0]][k0]))
+        out["labels_saved"] = eff.labels_saved(eff.means({SCRATCH: grid[SCRATCH]})[SCRATCH], transfer, k0)
+        out["labels_saved"]["strategy"] = best[k0]
+    verdicts = {}
+    for k in ks:
+        if best[k] is None or k not in grid[best[k]]:
+            continue
+        paired = {f: eff.seed_gain(grid[best[k]][k], row[k]) for f, row in fgrid.items()
+                  if k in row and len(row[k]) == len(grid[best[k]][k])}
+        missed = [f for f, g in paired.items() if not g.better(alpha)]
+        verdicts[k] = {"strategy": best[k], "beats_all": bool(paired) and not missed, "not_beaten": missed,
+                       "vs": {f: g.to_json() for f, g in paired.items()}}
+    out["floor_verdicts"] = verdicts
+    return out
 
 
 def negative_points(curves: Mapping[str, Mapping[Any, float]], margin: float = 0.0) -> list[str]:
@@ -271,9 +365,15 @@ def _norm_curves(curves: Mapping[str, Mapping[Any, float]]) -> dict[str, list[tu
 
 
 def _draw_curves(
-    ax: Any, curves: Mapping[str, Mapping[Any, float]], run_point: Mapping[str, Any] | None = None
+    ax: Any,
+    curves: Mapping[str, Mapping[Any, float]],
+    run_point: Mapping[str, Any] | None = None,
+    analysis: Mapping[str, Any] | None = None,
 ) -> None:
+    """Means per k; with ``analysis`` (:func:`efficiency_analysis`) 95% error bars over seeds
+    and the classical floors as thin dotted lines."""
     norm = _norm_curves(curves)
+    summary = (analysis or {}).get("summary") or {}
     ks = sorted({k for points in norm.values() for k, _ in points})
     colours = iter(
         [
@@ -291,12 +391,16 @@ def _draw_curves(
     ordered = [n for n in norm if n == SCRATCH] + [n for n in norm if n != SCRATCH]
     for name in ordered:
         xs, ys = zip(*norm[name], strict=True)
-        if name == SCRATCH:
-            ax.plot(
-                xs, ys, linestyle="--", marker="s", color="tab:gray", label="scratch (baseline)"
-            )
+        err = _errors(summary.get(name) or {}, xs, ys)
+        style = (
+            {"linestyle": "--", "marker": "s", "color": "tab:gray", "label": "scratch (baseline)"}
+            if name == SCRATCH
+            else {"linestyle": "-", "marker": "o", "color": next(colours, None), "label": name}
+        )
+        if err is not None:
+            ax.errorbar(xs, ys, yerr=err, capsize=3, **style)
         else:
-            ax.plot(xs, ys, linestyle="-", marker="o", color=next(colours, None), label=name)
+            ax.plot(xs, ys, **style)
         for x, y in zip(xs, ys, strict=True):
             ax.annotate(
                 f"{y:.2f}",
@@ -306,6 +410,13 @@ def _draw_curves(
                 ha="center",
                 fontsize=7,
             )
+    floor_colours = iter(["darkred", "darkgoldenrod", "teal", "black"])  # apart from the strategies'
+    for name, row in ((analysis or {}).get("floors") or {}).items():
+        pts = sorted((int(k), float(v["mean"])) for k, v in row.items())
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, linestyle=":", linewidth=1.2, marker=".", color=next(floor_colours, None),
+                    label=f"floor: {name}")
     if run_point and run_point.get("k"):
         k = int(run_point["k"])
         for key, label, colour in (
@@ -345,16 +456,28 @@ def _draw_curves(
     ax.legend(loc="best", fontsize=8)
 
 
+def _errors(summary: Mapping[Any, Mapping[str, Any]], xs: Sequence[int], ys: Sequence[float]) -> Any:
+    """(2, n) distances from each mean to its 95% interval ends; None without seed spread."""
+    rows = {int(k): v for k, v in summary.items()}
+    if not rows or any(x not in rows for x in xs):
+        return None
+    low = [max(y - float(rows[x]["ci_low"]), 0.0) for x, y in zip(xs, ys, strict=True)]
+    high = [max(float(rows[x]["ci_high"]) - y, 0.0) for x, y in zip(xs, ys, strict=True)]
+    return np.array([low, high]) if any(low) or any(high) else None
+
+
 def plot_sample_efficiency(
     curves: Mapping[str, Mapping[Any, float]],
     path: str | Path,
     title: str = "Sample efficiency: accuracy vs labels per class",
     run_point: Mapping[str, Any] | None = None,
+    analysis: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Accuracy vs k (log x), one line per strategy, scratch dashed; PNG at ``path``."""
+    """Accuracy vs k (log x), one line per strategy, scratch dashed, 95% error bars over
+    seeds and the classical floors dotted when ``analysis`` has them; PNG at ``path``."""
     fig = _figure(7, 4.5)
     ax = fig.subplots()
-    _draw_curves(ax, curves, run_point)
+    _draw_curves(ax, curves, run_point, analysis)
     ax.set_title(title)
     return _save(fig, path)
 
@@ -706,32 +829,74 @@ def _checks_html(checks: list[dict[str, Any]] | None) -> str:
     )
 
 
+def _cell(mean: float, row: Mapping[str, Any] | None) -> str:
+    if not row or int(len(row.get("values") or [])) < 2:
+        return f"{mean:.3f}"
+    low, high = max(float(row["ci_low"]), 0.0), min(float(row["ci_high"]), 1.0)  # accuracies live in [0, 1]
+    return f"{mean:.3f} <span class=muted>[{low:.3f}, {high:.3f}]</span>"
+
+
+def _efficiency_statements(analysis: Mapping[str, Any]) -> str:
+    """Labels saved, where the gain stops being significant, and the floors verdict per k."""
+    items = []
+    saved = analysis.get("labels_saved") or {}
+    if saved.get("text"):
+        basis = analysis.get("basis", "validation")
+        who = f" ({saved['strategy']}, best on {basis})" if saved.get("strategy") else ""
+        items.append(f"<strong>Labels saved</strong>{html.escape(who)}: {html.escape(saved['text'])}.")
+    stops = analysis.get("gain_stops_significant") or {}
+    if stops.get("text"):
+        items.append(f"<strong>Significance of the gain</strong> (best strategy per k, paired t-test "
+                     f"across {analysis.get('n_seeds', '?')} seeds): {html.escape(stops['text'])}.")
+    for k, v in sorted((analysis.get("floor_verdicts") or {}).items(), key=lambda kv: int(kv[0])):
+        if not v.get("vs"):
+            continue
+        if v.get("beats_all"):
+            verdict = "beats all three classical floors"
+        else:
+            missed = html.escape(", ".join(v.get("not_beaten") or []))
+            verdict = f"does <strong>not</strong> beat {missed} significantly"
+        detail = ", ".join(f"{html.escape(f)} {g['mean']:+.3f}" for f, g in v["vs"].items())
+        items.append(f"k={int(k)}: {html.escape(str(v['strategy']))} {verdict} ({detail}).")
+    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>" if items else ""
+
+
 def _curve_html(data: Mapping[str, Any], curve_png: Path | None) -> str:
     se = data.get("sample_efficiency") or {}
     curves = _norm_curves(se.get("curves") or {})
+    analysis = se.get("analysis") or {}
+    summary = analysis.get("summary") or {}
+    floors = analysis.get("floors") or {}
     if not curves:
         body = _na("sample-efficiency sweep")
     else:
         ks = sorted({k for pts in curves.values() for k, _ in pts})
         header = "".join(f"<th class=num>k={k}</th>" for k in ks)
-        rows = "".join(
-            f"<tr><td>{html.escape(name)}</td>"
-            + "".join(
-                f"<td class=num>{dict(pts).get(k, float('nan')):.3f}</td>"
-                if k in dict(pts)
-                else "<td class=num>-</td>"
+
+        def row(name: str, pts: Mapping[int, float], spread: Mapping[Any, Any]) -> str:
+            spread = {int(k): v for k, v in (spread or {}).items()}
+            return f"<tr><td>{html.escape(name)}</td>" + "".join(
+                f"<td class=num>{_cell(pts[k], spread.get(k))}</td>" if k in pts else "<td class=num>-</td>"
                 for k in ks
-            )
-            + "</tr>"
+            ) + "</tr>"
+
+        rows = "".join(
+            row(name, dict(pts), summary.get(name) or {})
             for name, pts in sorted(curves.items(), key=lambda kv: kv[0] != SCRATCH)
         )
+        rows += "".join(
+            row(f"floor: {name}", {int(k): float(v["mean"]) for k, v in frow.items()}, frow)
+            for name, frow in floors.items()
+        )
         epochs = se.get("epochs")
+        n_seeds = analysis.get("n_seeds") or 1
         body = (
             _img(
                 curve_png,
                 "sample-efficiency curve",
                 "Test accuracy vs labelled images per class: "
-                "scratch (dashed) and each fine-tuning strategy; stars mark this run.",
+                "scratch (dashed), each fine-tuning strategy, classical floors (dotted); "
+                "error bars: 95% interval over seeds; stars mark this run.",
             )
             if curve_png
             else ""
@@ -740,8 +905,12 @@ def _curve_html(data: Mapping[str, Any], curve_png: Path | None) -> str:
             f"<table><tr><th>strategy</th>{header}</tr>{rows}</table>"
             f"<p class=muted>Each point trains with this run's params except labels per class"
             f"{f' and epochs={epochs} (quick sweep)' if epochs is not None else ''}, "
-            "and is scored on the fixed target test split.</p>"
+            f"over {n_seeds} seed(s) (each draws the k-label subset and the init): mean test accuracy "
+            "[95% t-interval over seeds] on the fixed target test split. Strategies are ranked on the "
+            "validation split; floors are logistic regression, RBF SVC and LabelSpreading (with the "
+            "unlabelled pool) on raw pixels, same k-label subsets.</p>"
         )
+        body += _efficiency_statements(analysis)
         margin = float((data.get("summary") or {}).get("negative_transfer_margin") or 0.0)
         worse = negative_points(se.get("curves") or {}, margin)
         if worse:
@@ -938,7 +1107,7 @@ def plot_report_page(data: Mapping[str, Any], path: str | Path) -> Path:
         )
     axes = bottom.subplots(1, 3, width_ratios=[1.25, 1, 1])
     se = data.get("sample_efficiency") or {}
-    _draw_curves(axes[0], se.get("curves") or {}, _run_point(data))
+    _draw_curves(axes[0], se.get("curves") or {}, _run_point(data), se.get("analysis"))
     axes[0].set_title("sample efficiency")
     confusion = data.get("confusion") or {}
     for ax, name in zip(axes[1:], ("transfer", "scratch"), strict=True):
@@ -977,7 +1146,8 @@ def build_report(data: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path
     se = data.get("sample_efficiency") or {}
     if _norm_curves(se.get("curves") or {}):
         paths["curve"] = plot_sample_efficiency(
-            se["curves"], out / "sample_efficiency.png", run_point=_run_point(data)
+            se["curves"], out / "sample_efficiency.png", run_point=_run_point(data),
+            analysis=se.get("analysis"),
         )
     confusion_pngs: dict[str, Path] = {}
     for name in ("transfer", "scratch"):

@@ -105,6 +105,9 @@ def test_report_for_run_reads_the_run_sweeps_and_logs(tmp_path: Path, monkeypatc
     assert data["source_model"]["initial_weights"]["weights"] == "random"
     assert data["confusion"]["transfer"]["classes"] == [str(i) for i in range(10)]
     assert set(data["sample_efficiency"]["curves"]) == {"scratch", "head"}
+    analysis = data["sample_efficiency"]["analysis"]  # over the default 3 seeds, floors beside
+    assert analysis["n_seeds"] == 3 and set(analysis["floors"]) == {"logreg", "svc_rbf", "label_spreading"}
+    assert "labels_saved" in analysis and "Labels saved" in text
     assert data["summary"]["gain"] == pytest.approx(summary["gain"])
     assert data["notes"] == []
     checks = {c["check"]: c for c in data["checks"]}  # transfer.checks, the run's params

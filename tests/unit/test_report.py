@@ -363,3 +363,34 @@ def test_sample_efficiency_rejects_unknown_strategies(tiny_target, tmp_path: Pat
     params, source_dir = tiny_target
     with pytest.raises(TransferError, match="unknown strategies"):
         sample_efficiency(params, source_dir, [1], ["bogus"], tmp_path / "w")
+
+
+def test_sweep_over_seeds_has_floors_and_the_report_states_labels_saved(tiny_target, tmp_path: Path):
+    from transfer.report import efficiency_analysis
+
+    params, source_dir = tiny_target
+    torch.set_num_threads(1)
+    curves = sample_efficiency(params, source_dir, [1, 4], ["head"], tmp_path / "sweep", False,
+                               epochs=1, seeds=[0, 1])
+    assert curves.seed_list == [0, 1] and len(curves.points) == 8  # 2 names x 2 k x 2 seeds
+    assert curves["head"][4] == pytest.approx(np.mean(curves.seeds["head"][4]))
+    assert all(len(curves.val[n][k]) == 2 for n in curves for k in (1, 4))
+    assert set(curves.floors) == {"logreg", "svc_rbf", "label_spreading"}
+    assert all(len(curves.floors[f][k]) == 2 for f in curves.floors for k in (1, 4))
+    assert curves.floors["svc_rbf"][4] != [0.25, 0.25]  # stripes are easy on raw pixels: it learns
+
+    analysis = efficiency_analysis(curves.seeds, curves.val, curves.floors, default_k=4)
+    data = report_data(0.8, 0.6)
+    data["sample_efficiency"] = {"curves": dict(curves), "analysis": analysis, "epochs": 1}
+    paths = build_report(data, tmp_path / "report")
+    text = paths["html"].read_text()
+    assert "Labels saved" in text and analysis["labels_saved"]["text"].split(":")[0] in html_unescape(text)
+    assert "Significance of the gain" in text and "paired t-test across 2 seeds" in text
+    assert "floor: label_spreading" in text and "classical floors" in text
+    assert paths["curve"].read_bytes().startswith(PNG_MAGIC)
+
+
+def html_unescape(text: str) -> str:
+    import html
+
+    return html.unescape(text)
