@@ -150,6 +150,9 @@ def _evaluation(params: Params, run_id: str, name: str) -> dict[str, Any] | None
         "matrix": report["confusion_matrix"],
         "classes": list((report.get("per_class_recall") or {}).keys()) or None,
         "accuracy": report.get("accuracy"),
+        "accuracy_ci": report.get("accuracy_ci"),
+        "calibration": {k: report.get(k) for k in ("ece_uncalibrated", "ece", "temperature")}
+        | {"reliability": report.get("reliability")},
     }
 
 

@@ -247,22 +247,37 @@ def plot_reliability(
     title: str = "Reliability diagram",
 ) -> Path:
     """Accuracy vs confidence per bin against the diagonal; ECE in the title."""
+    return plot_reliability_bins(
+        reliability_table(probs, y_true, n_bins), path, title
+    )
+
+
+def reliability_table(probs: ArrayLike, y_true: ArrayLike, n_bins: int = 10) -> dict[str, Any]:
+    """JSON-able reliability bins and the ECE: what a reliability diagram is drawn from."""
     bins = reliability_bins(probs, y_true, n_bins)
-    ece = expected_calibration_error(probs, y_true, n_bins)
-    edges = bins["edges"]
-    centres, width = (edges[:-1] + edges[1:]) / 2, 1.0 / n_bins
-    filled = bins["count"] > 0
-    fig = _figure(4.5, 4.5)
-    ax = fig.subplots()
-    ax.bar(centres[filled], bins["accuracy"][filled], width=width, edgecolor="black",
+    return {"ece": expected_calibration_error(probs, y_true, n_bins),
+            **{k: v.tolist() for k, v in bins.items()}}
+
+
+def draw_reliability(ax: Any, table: Mapping[str, Any], title: str) -> None:
+    edges = np.asarray(table["edges"])
+    count, acc, conf = (np.asarray(table[k], dtype=np.float64) for k in ("count", "accuracy", "confidence"))
+    centres, width = (edges[:-1] + edges[1:]) / 2, 1.0 / len(count)
+    filled = count > 0
+    ax.bar(centres[filled], acc[filled], width=width, edgecolor="black",
            color="tab:blue", alpha=0.8, label="accuracy")
-    ax.bar(centres[filled], (bins["confidence"] - bins["accuracy"])[filled], width=width,
-           bottom=bins["accuracy"][filled], color="tab:red", alpha=0.3, label="gap")
+    ax.bar(centres[filled], (conf - acc)[filled], width=width,
+           bottom=acc[filled], color="tab:red", alpha=0.3, label="gap")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{title} (ECE = {ece:.3f})")
+    ax.set_title(f"{title} (ECE = {table['ece']:.3f})", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
+
+
+def plot_reliability_bins(table: Mapping[str, Any], path: str | Path, title: str = "Reliability diagram") -> Path:
+    fig = _figure(4.5, 4.5)
+    draw_reliability(fig.subplots(), table, title)
     return _save(fig, path)

@@ -930,6 +930,30 @@ def _curve_html(data: Mapping[str, Any], curve_png: Path | None) -> str:
     return body
 
 
+def plot_calibration(calibration: Mapping[str, Any], path: str | Path) -> Path:
+    """The transfer model's reliability diagram before and after temperature scaling."""
+    from transfer.metrics import _figure, _save, draw_reliability
+
+    fig = _figure(9, 4.5)
+    before, after = fig.subplots(1, 2)
+    tables = calibration["reliability"]
+    draw_reliability(before, tables["uncalibrated"], "uncalibrated (T = 1)")
+    draw_reliability(after, tables["calibrated"], f"temperature T = {calibration.get('temperature') or 1:.2f}")
+    fig.suptitle("Test holdout: reliability before and after temperature scaling (T fitted on val)")
+    return _save(fig, path)
+
+
+def _calibration_html(data: Mapping[str, Any], png: Path | None) -> str:
+    calibration = ((data.get("confusion") or {}).get("transfer") or {}).get("calibration") or {}
+    if png is None or calibration.get("ece") is None:
+        return _na("calibration (this run recorded no reliability table)")
+    text = (f"<p>Expected calibration error on the test holdout: "
+            f"{calibration['ece_uncalibrated']:.3f} before, <b>{calibration['ece']:.3f}</b> after temperature "
+            f"scaling (T = {calibration['temperature']:.2f}, fitted on the validation split; the served "
+            "model applies the same T, so its probabilities are the calibrated ones).</p>")
+    return text + _img(png, "reliability diagrams", "bars: accuracy per confidence bin; diagonal: perfect calibration")
+
+
 def _confusion_html(pngs: Mapping[str, Path]) -> str:
     if not pngs:
         return _na("confusion matrices")
@@ -1024,6 +1048,7 @@ def render_html(
     curve_png: Path | None,
     confusion_pngs: Mapping[str, Path],
     summary_png: Path | None = None,
+    calibration_png: Path | None = None,
 ) -> str:
     title = str(data.get("title") or "Transfer report")
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -1034,6 +1059,7 @@ def render_html(
         _section("transfer-checks", "Does transfer make sense?", _checks_html(_checks(data))),
         _section("sample-efficiency", "Sample efficiency", _curve_html(data, curve_png)),
         _section("confusion-matrices", "Confusion matrices", _confusion_html(confusion_pngs)),
+        _section("calibration", "Calibration", _calibration_html(data, calibration_png)),
         _section("provenance", "Source model provenance", _provenance_html(data)),
         _section("strategy", "Fine-tuning strategy", _strategy_html(data)),
     ]
@@ -1156,10 +1182,13 @@ def build_report(data: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path
             confusion_pngs[name] = paths[f"confusion_{name}"] = plot_confusion(
                 block, name, out / f"confusion_{name}.png"
             )
+    calibration = ((data.get("confusion") or {}).get("transfer") or {}).get("calibration") or {}
+    if (calibration.get("reliability") or {}).get("calibrated"):
+        paths["calibration"] = plot_calibration(calibration, out / "calibration.png")
     paths["png"] = plot_report_page(data, out / "report.png")
     full = dict(data)
     full.setdefault("checks", _checks(data))
-    html_text = render_html(full, paths.get("curve"), confusion_pngs)
+    html_text = render_html(full, paths.get("curve"), confusion_pngs, calibration_png=paths.get("calibration"))
     paths["html"] = out / "report.html"
     paths["html"].write_text(html_text, encoding="utf-8")
     paths["json"] = out / "report.json"

@@ -22,7 +22,7 @@ from transfer.data import ImageTensors, dataset_version, load_split, prepare_dat
 from transfer.errors import TransferError
 from transfer.metrics import (
     classification_report, expected_calibration_error, plot_confusion_matrix, plot_learning_curves,
-    plot_reliability,
+    plot_reliability, reliability_table,
 )
 from transfer.models import TransferNet, create_model, load_model_dir, save_model_dir, weights_sha256
 from transfer.feature_cache import FeatureCache, train_head_cached
@@ -336,6 +336,8 @@ def evaluate(
         ece_uncalibrated=expected_calibration_error(raw, test.labels, bins),
         seed=meta.get("seed"), val_accuracy=meta.get("selection", {}).get("val_accuracy"),
         correct=correct.astype(int).tolist(),
+        reliability={"uncalibrated": reliability_table(raw, test.labels, bins),
+                     "calibrated": reliability_table(probs, test.labels, bins)},
     )
     if plots:
         plot_confusion_matrix(

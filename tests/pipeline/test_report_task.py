@@ -91,12 +91,14 @@ def test_report_for_run_reads_the_run_sweeps_and_logs(tmp_path: Path, monkeypatc
         "transfer-checks",
         "sample-efficiency",
         "confusion-matrices",
+        "calibration",
         "provenance",
         "strategy",
     ):
         assert f'<section id="{anchor}">' in text
     assert run_id in text and summary["source_weights_sha256"] in text
-    assert len(re.findall(r'<img src="data:image/png;base64,', text)) == 3
+    assert len(re.findall(r'<img src="data:image/png;base64,', text)) == 4  # curve, 2 confusions, calibration
+    assert re.search(r"\d\.\d{3} before, <b>\d\.\d{3}</b> after temperature scaling", text)
     assert "k=1000 skipped" in text and html.escape(summary["strategy_reason"]) in text  # why auto chose it
     data = json.loads(paths["json"].read_text())
     assert data["datasets"]["target"]["labelled_budget"] == 50  # the run's k=5, not the default 10
