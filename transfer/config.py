@@ -138,6 +138,10 @@ class ServeParams(_Section):
     alias: str = "champion"
     max_batch: int = Field(256, ge=1)
     max_image_bytes: int = Field(2_000_000, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit per image")
+    # The *name* of the environment variable holding the bearer token (never the token):
+    # set, every request but /health and /ping needs "Authorization: Bearer <token>".
+    auth_token_env: str | None = Field(None, pattern=r"^[A-Z_][A-Z0-9_]*$")
 
 
 class ScheduleParams(_Section):
