@@ -62,6 +62,7 @@ def serve_env(
     max_image_bytes: int | None = None,
     base: dict[str, str] | None = None,
     auth_token_env: str | None = None,
+    max_image_pixels: int | None = None,
 ) -> dict[str, str]:
     """Environment for the server: the registry, the limits, the *name* of the token's
     variable (the token stays in that variable), and this venv first on PATH."""
@@ -72,12 +73,14 @@ def serve_env(
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
         env["MLFLOW_REGISTRY_URI"] = tracking_uri
-    from tasks.pyfunc_model import ENV_MAX_BATCH, ENV_MAX_IMAGE_BYTES
+    from tasks.pyfunc_model import ENV_MAX_BATCH, ENV_MAX_IMAGE_BYTES, ENV_MAX_IMAGE_PIXELS
 
     if max_batch is not None:
         env[ENV_MAX_BATCH] = str(max_batch)
     if max_image_bytes is not None:
         env[ENV_MAX_IMAGE_BYTES] = str(max_image_bytes)
+    if max_image_pixels is not None:
+        env[ENV_MAX_IMAGE_PIXELS] = str(max_image_pixels)
     from tasks.scoring_app import ENV_AUTH_TOKEN_ENV
 
     env.pop(ENV_AUTH_TOKEN_ENV, None)  # params decide, not a stale variable
@@ -267,7 +270,10 @@ def serve(
     if warning := bind_warning(host, port, token is not None):
         print(warning, file=sys.stderr, flush=True)
     print(f"loading {requested} ({which}) from {uri}", flush=True)
-    env = serve_env(uri, params.serve.max_batch, params.serve.max_image_bytes, auth_token_env=token_env)
+    env = serve_env(
+        uri, params.serve.max_batch, params.serve.max_image_bytes, auth_token_env=token_env,
+        max_image_pixels=params.serve.max_image_pixels,
+    )
     proc = start_server(target, host, port, env=env)
 
     stopped: list[int] = []
@@ -330,11 +336,17 @@ def wait_until_ready(
         time.sleep(0.25)
 
 
-def encode_file(path: str | Path) -> str:
-    """An image file -> base64 text, as a client puts it in the ``image`` column."""
+def encode_file(path: str | Path, max_bytes: int | None = None) -> str:
+    """An image file -> base64 text, as a client puts it in the ``image`` column; a file over
+    ``max_bytes`` is refused before it is read."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such image file: {path}")
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise DataError(
+            f"{path}: image too large: {path.stat().st_size} bytes, the limit is {max_bytes} "
+            "bytes (serve.max_image_bytes)"
+        )
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
@@ -351,7 +363,9 @@ def predict_files(
 
     if not paths:
         raise TransferError("no image files given")
-    encoded = [encode_file(path) for path in paths]
+    missing = [path for path in paths if not Path(path).is_file()]
+    if missing:  # before the (slow) model load
+        raise DataError(f"no such image file: {missing[0]}")
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
@@ -359,7 +373,9 @@ def predict_files(
         model = mlflow.pyfunc.load_model(model_uri)
     except mlflow.exceptions.MlflowException as error:
         raise TransferError(f"cannot load {model_uri}: {error.message.splitlines()[0]}") from None
-    chunk = int((model.model_config or {}).get("max_batch", 256))
+    config = model.model_config or {}
+    chunk = int(config.get("max_batch", 256))
+    encoded = [encode_file(path, int(config.get("max_image_bytes", 2_000_000))) for path in paths]
     results: list[dict[str, Any]] = []
     for start in range(0, len(encoded), chunk):
         frame = model.predict(pd.DataFrame({"image": encoded[start : start + chunk]}))

@@ -51,6 +51,8 @@ class DataParams(_Section):
     channels: Literal[1, 3] = 1
     seed: int = 0
     skip_bad_images: bool = False  # skip corrupt/non-image files with a warning instead of failing
+    max_image_pixels: int = Field(40_000_000, ge=1, description="ImageFolder: decompression-bomb limit")
+    max_image_bytes: int = Field(50_000_000, ge=1, description="ImageFolder: larger files are unreadable")
     source: SourceData = SourceData()
     target: TargetData = TargetData()
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from PIL import Image
 
 from tasks import tracking
 from tasks.pyfunc_model import log_pyfunc_model
@@ -264,6 +265,14 @@ def test_mlflow_errors_lose_their_stack_trace_and_input(server) -> None:
     status, text = call(server["url"], body=invocations_payload(["%%% " + "z" * 5000]), token=server["token"])
     assert_short_error(status, text, 400, "row 0: not valid base64")
     assert "zzzzzzzzzzzzzzzzzzzzzzzzz" not in text
+
+
+def test_decompression_bombs_are_refused(server) -> None:
+    """A ~10 KB PNG claiming 8000 x 8000 pixels passes the byte limit, not the pixel limit."""
+    buffer = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buffer, format="PNG")
+    status, text = call(server["url"], body=invocations_payload([b64(buffer.getvalue())]), token=server["token"])
+    assert_short_error(status, text, 400, "row 0: image too large")
 
 
 def test_oversize_bodies_are_refused_before_reading(server) -> None:

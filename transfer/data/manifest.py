@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
 
-from PIL import Image
-
+from transfer.data.images import DEFAULT_MAX_PIXELS, open_bounded
 from transfer.errors import DataError
 
 MANIFEST_NAME = "manifest.csv"
@@ -54,8 +52,11 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}".rstrip(": ")
 
 
-def inspect_image(data: bytes, path: str, label: str, split: str = "") -> ManifestRow:
-    """Describe one file from its bytes; a file PIL cannot fully decode is ``readable=False``."""
+def inspect_image(
+    data: bytes, path: str, label: str, split: str = "", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ManifestRow:
+    """Describe one file from its bytes; a file PIL cannot fully decode, or one over
+    ``max_pixels`` (data.max_image_pixels, checked before decoding), is ``readable=False``."""
     digest = hashlib.sha256(data).hexdigest()
     suffix = Path(path).suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
@@ -63,7 +64,7 @@ def inspect_image(data: bytes, path: str, label: str, split: str = "") -> Manife
         error = f"not an image file: extension '{suffix or '(none)'}' (expected {allowed})"
         return ManifestRow(path, label, split, 0, 0, "", 0, digest, False, error)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_bounded(data, max_pixels, max_bytes=None) as image:  # bytes: see copy_imagefolder
             image.load()  # verify() misses truncated pixel data; a full decode does not
             width, height, mode = image.width, image.height, image.mode
             channels = len(image.getbands())
@@ -92,6 +93,11 @@ def write_manifest(rows: Iterable[ManifestRow], dataset_dir: str | Path) -> Path
 
 
 def _parse_row(raw: dict[str, str], where: str) -> ManifestRow:
+    unsafe = raw.get("path") and (
+        Path(raw["path"]).is_absolute() or ".." in Path(raw["path"]).parts
+    )
+    if unsafe:  # every later step opens <dataset_dir>/<path>: keep it inside the dataset
+        raise DataError(f"{where}: manifest path {raw['path']!r} leaves the dataset directory")
     try:
         return ManifestRow(
             path=raw["path"],

@@ -26,6 +26,7 @@ from transfer.config import DataParams
 from transfer.data.digits import write_sklearn_digits
 from transfer.data.fonts import digit_fonts, write_font_digits
 from transfer.data.imagefolder import copy_imagefolder, list_imagefolder
+from transfer.data.images import set_pixel_limit
 from transfer.data.manifest import (
     UNLABELLED,
     ManifestRow,
@@ -195,9 +196,13 @@ def _build(
     return dest
 
 
-def _imagefolder_producer(root: Path, progress: bool) -> Producer:
+def _imagefolder_producer(root: Path, progress: bool, params: DataParams) -> Producer:
     files = list_imagefolder(root)  # validate before any copying
-    return functools.partial(copy_imagefolder, root, files=files, progress=progress)
+    set_pixel_limit(params.max_image_pixels)  # PIL's own guard, for every later decode too
+    return functools.partial(
+        copy_imagefolder, root, files=files, progress=progress,
+        max_bytes=params.max_image_bytes, max_pixels=params.max_image_pixels,
+    )
 
 
 def _source_sizes(test_fraction: float, val_fraction: float, n: int) -> tuple[float, float]:
@@ -220,8 +225,9 @@ def prepare_source(params: DataParams, *, strict: bool = True, progress: bool = 
         origin = Path("data.source (fonts)")
     else:
         origin = Path(spec.path or "")
-        produce = _imagefolder_producer(origin, progress)
-        recipe |= {"path": spec.path, "listing": _listing_digest(origin)}
+        produce = _imagefolder_producer(origin, progress, params)
+        recipe |= {"path": spec.path, "listing": _listing_digest(origin),
+                   "limits": [params.max_image_pixels, params.max_image_bytes]}
     return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict)
 
 
@@ -236,8 +242,9 @@ def prepare_target(params: DataParams, *, strict: bool = True, progress: bool = 
         origin = Path("data.target (sklearn_digits)")
     else:
         origin = Path(spec.path or "")
-        produce = _imagefolder_producer(origin, progress)
-        recipe |= {"path": spec.path, "listing": _listing_digest(origin)}
+        produce = _imagefolder_producer(origin, progress, params)
+        recipe |= {"path": spec.path, "listing": _listing_digest(origin),
+                   "limits": [params.max_image_pixels, params.max_image_bytes]}
     return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict)
 
 
