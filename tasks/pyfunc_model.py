@@ -34,7 +34,8 @@ from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, ColSpec, Map, Schema
 
-from transfer.predict import DEFAULT_MAX_BATCH, DEFAULT_MAX_IMAGE_BYTES, MAX_PIXELS, InputError, Predictor
+from transfer.predict import DEFAULT_MAX_BATCH, DEFAULT_MAX_IMAGE_BYTES, InputError, Predictor
+from transfer.predict import MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,9 @@ class TransferPyfuncModel(mlflow.pyfunc.PythonModel):
             os.environ.get(ENV_MAX_IMAGE_BYTES)
             or config.get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES)
         )
-        max_pixels = int(os.environ.get(ENV_MAX_IMAGE_PIXELS) or config.get("max_image_pixels", MAX_PIXELS))
+        max_pixels = int(
+            os.environ.get(ENV_MAX_IMAGE_PIXELS) or config.get("max_image_pixels", MAX_PIXELS)
+        )
         from transfer.data.images import set_pixel_limit
 
         set_pixel_limit(max_pixels)  # PIL's decompression-bomb guard, explicit

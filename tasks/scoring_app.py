@@ -176,7 +176,9 @@ def csv_to_json(body: bytes) -> bytes:
         reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
         if not header:
-            raise RequestError(400, "CSV request is empty: send a header line 'image' and one row per image")
+            raise RequestError(
+                400, "CSV request is empty: send a header line 'image' and one row per image"
+            )
         columns = [c.strip() for c in header]
         check_columns(columns)
         if "image" not in columns:
@@ -225,7 +227,9 @@ class Guard:
         headers = scope.get("headers", [])
         declared = next((v for k, v in headers if k.lower() == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            raise RequestError(413, _too_large(int(declared), self.max_body), "REQUEST_LIMIT_EXCEEDED")
+            raise RequestError(
+                413, _too_large(int(declared), self.max_body), "REQUEST_LIMIT_EXCEEDED"
+            )
         body = await _read_body(receive, self.max_body)
         mime = next((v for k, v in headers if k.lower() == b"content-type"), b"")
         mime = mime.decode("latin-1").split(";")[0].strip().lower()
@@ -233,8 +237,12 @@ class Guard:
             check_json(body)
         elif mime == "text/csv":
             body = csv_to_json(body)
-            headers = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-length")]
-            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            dropped = (b"content-type", b"content-length")
+            headers = [(k, v) for k, v in headers if k.lower() not in dropped]
+            headers += [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
             scope = {**scope, "headers": headers}
         return scope, _replay(body)
 
@@ -308,7 +316,8 @@ async def _send_json(
     send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    headers += extra or []
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 

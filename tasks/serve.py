@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -197,6 +198,14 @@ def resolve_model(tracking_uri: str, uri: str) -> tuple[str, str]:
     return version_uri(name, version), f"version {version}"
 
 
+def redact(uri: str) -> str:
+    """A URI fit for a log line: ``user:password@`` replaced by ``***@``."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -269,7 +278,7 @@ def serve(
     port = port or int(os.environ.get(ENV_PORT) or params.serve.port)
     if warning := bind_warning(host, port, token is not None):
         print(warning, file=sys.stderr, flush=True)
-    print(f"loading {requested} ({which}) from {uri}", flush=True)
+    print(f"loading {requested} ({which}) from {redact(uri)}", flush=True)
     env = serve_env(
         uri, params.serve.max_batch, params.serve.max_image_bytes, auth_token_env=token_env,
         max_image_pixels=params.serve.max_image_pixels,

@@ -31,7 +31,7 @@ from PIL import Image
 from tasks import tracking
 from tasks.pyfunc_model import log_pyfunc_model
 from tasks.scoring_app import MAX_MESSAGE, clean_error, short
-from tasks.serve import bind_warning, invocations_payload, probe_url, resolve_model
+from tasks.serve import bind_warning, invocations_payload, probe_url, redact, resolve_model
 from tests.serving.test_serving import (  # noqa: F401  (registry: a module fixture)
     CLASSES,
     MAX_BATCH,
@@ -188,6 +188,8 @@ def test_binding_wider_without_a_token_warns() -> None:
     assert bind_warning("0.0.0.0", 5001, with_token=True) is None
     assert probe_url("0.0.0.0", 5001) == "http://127.0.0.1:5001"
     assert probe_url("::", 5001) == "http://[::1]:5001"
+    assert redact("https://bob:hunter2@mlflow.example:5000/x") == "https://***@mlflow.example:5000/x"
+    assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
 
 
 def test_token_env_must_be_a_variable_name() -> None:

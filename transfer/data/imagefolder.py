@@ -40,7 +40,8 @@ def inside(root: Path, rel: str | Path) -> Path:
     """``root / rel``, refused (DataError) unless it resolves inside ``root``: no ``..``, no
     absolute path, no symlink out of the dataset."""
     path = root / rel
-    if Path(rel).is_absolute() or ".." in Path(rel).parts or not path.resolve().is_relative_to(root.resolve()):
+    escapes = Path(rel).is_absolute() or ".." in Path(rel).parts
+    if escapes or not path.resolve().is_relative_to(root.resolve()):
         target = path.resolve() if path.is_symlink() else path
         raise DataError(
             f"{path} leads out of the ImageFolder root {root} (to {target}): copy the files "
