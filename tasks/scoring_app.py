@@ -43,6 +43,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 ENV_AUTH_TOKEN_ENV = "TRANSFER_SERVE_AUTH_TOKEN_ENV"
 ENV_MODEL_PATH = "__pyfunc_model_path__"  # what mlflow.pyfunc.scoring_server.app reads
 OPEN_PATHS = frozenset({"/health", "/ping"})  # liveness probes: no model output, no token
+MIN_TOKEN_CHARS = 16  # guessable tokens are no protection
 MAX_MESSAGE = 300  # characters of an error message a reply may carry
 COLUMNS = ("image", "tensor")  # tasks.pyfunc_model.IMAGE_COLUMN / TENSOR_COLUMN
 FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
@@ -56,11 +57,16 @@ def auth_token(name: str | None) -> str | None:
     """The bearer token held by the variable ``name`` (serve.auth_token_env); None: no auth."""
     if not name:
         return None
-    token = os.environ.get(name, "")
-    if not token.strip():
+    token = os.environ.get(name, "").strip()  # a trailing newline from a secrets file
+    if not token:
         raise ConfigError(
             f"serve.auth_token_env names {name}, but {name} is not set or empty: export the "
             "token there (or unset serve.auth_token_env to serve without one)"
+        )
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"the token in {name} has {len(token)} characters, fewer than {MIN_TOKEN_CHARS}: "
+            "use a random one, e.g. $(openssl rand -hex 32)"
         )
     return token
 

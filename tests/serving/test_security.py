@@ -165,7 +165,7 @@ def test_models_uris_resolve_to_one_version(registry, version2) -> None:
         resolve_model(uri, f"models:/{NAME}/9")
 
 
-def test_cli_refuses_an_unset_token_variable_and_two_model_choices(registry, tmp_path: Path) -> None:
+def test_cli_refuses_unset_or_weak_tokens_and_two_model_choices(registry, tmp_path: Path) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "NO_SUCH_TOKEN_VAR": ""}
     base = [sys.executable, "-m", "transfer.cli", "serve", "-p", str(REPO / "params.yaml"),
             "--set", f"promote.model_name={NAME}", "--port", str(free_port())]
@@ -176,6 +176,11 @@ def test_cli_refuses_an_unset_token_variable_and_two_model_choices(registry, tmp
     said = " ".join(proc.stderr.split())  # rich wraps the line
     assert proc.returncode == 2, said
     assert "NO_SUCH_TOKEN_VAR is not set or empty" in said and "Traceback" not in said
+    proc = subprocess.run([*base, "--set", "serve.auth_token_env=SHORT_TOKEN_VAR"], cwd=tmp_path,
+                          env={**env, "SHORT_TOKEN_VAR": "hunter2"}, capture_output=True, text=True,
+                          timeout=120)
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "fewer than 16" in said and "hunter2" not in said
     proc = subprocess.run([*base, "--version", "1", "--alias", "champion"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "give one of --alias, --version, --model-uri" in " ".join(proc.stderr.split())
