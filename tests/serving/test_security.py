@@ -35,6 +35,7 @@ from tasks.serve import bind_warning, invocations_payload, probe_url, redact, re
 from tests.serving.test_serving import (  # noqa: F401  (registry: a module fixture)
     CLASSES,
     MAX_BATCH,
+    MAX_IMAGE_BYTES,
     NAME,
     REPO,
     SIZE,
@@ -59,7 +60,8 @@ def version2(registry) -> Predictor:
     torch.manual_seed(1)
     model = create_model("tiny_cnn", num_classes=len(CLASSES), in_channels=1)
     model_dir = save_model_dir(model, registry["tmp"] / "model-v2", {"classes": CLASSES, "image_size": SIZE})
-    info = log_pyfunc_model(model_dir, registered_model_name=NAME, run_id=registry["run_id"], max_batch=MAX_BATCH)
+    info = log_pyfunc_model(model_dir, registered_model_name=NAME, run_id=registry["run_id"],
+                            max_batch=MAX_BATCH, max_image_bytes=MAX_IMAGE_BYTES)
     assert info.registered_model_version == 2
     return Predictor.from_dir(model_dir)
 
