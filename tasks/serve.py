@@ -191,8 +191,9 @@ def resolve_model(tracking_uri: str, uri: str) -> tuple[str, str]:
         name, version = found
         MlflowClient(tracking_uri, tracking_uri).get_model_version(name, str(version))
     except MlflowException as error:
+        detail = error.message.splitlines()[0][:200]
         raise TransferError(
-            f"no model to serve at {uri} in {tracking_uri}: {error.message.splitlines()[0][:200]}; "
+            f"no model to serve at {uri} in {redact(tracking_uri)}: {detail}; "
             "run the pipeline (or promote) first, or check the name/version"
         ) from None
     return version_uri(name, version), f"version {version}"
@@ -260,19 +261,12 @@ def serve(
     from tasks.tracking import tracking_uri as default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri(params)
-    if sum(x is not None for x in (alias, version, model)) > 1:
-        raise TransferError("give one of --alias, --version, --model-uri")
     token_env = params.serve.auth_token_env
     try:  # fail closed: a named but empty variable must not mean "no auth"
         token = auth_token(token_env)
     except ConfigError as error:
         raise TransferError(str(error)) from None
-    if model is None and version is None:
-        check_alias(uri, params.promote.model_name, alias or params.serve.alias)
-    requested = model or (
-        version_uri(params.promote.model_name, version) if version is not None
-        else model_uri(params, alias)
-    )
+    requested = requested_uri(params, uri, alias, version, model)
     target, which = resolve_model(uri, requested)
     host = host or os.environ.get(ENV_HOST) or params.serve.host
     port = port or int(os.environ.get(ENV_PORT) or params.serve.port)
@@ -293,7 +287,7 @@ def serve(
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
-        _announce_when_ready(proc, probe_url(host, port), target, which, token is not None)
+        _announce_when_ready(proc, host, port, target, which, token is not None)
         code = proc.wait()
         deadline = time.monotonic() + 10
         while _group_alive(proc.pid) and time.monotonic() < deadline:
@@ -306,16 +300,31 @@ def serve(
             stop_server(proc)
 
 
+def requested_uri(
+    params: Params, tracking_uri: str, alias: str | None, version: int | None, model: str | None
+) -> str:
+    """The model URI asked for: ``model``, a version, else an alias (checked to exist)."""
+    if sum(x is not None for x in (alias, version, model)) > 1:
+        raise TransferError("give one of --alias, --version, --model-uri")
+    if model is not None:
+        return model
+    if version is not None:
+        return version_uri(params.promote.model_name, version)
+    check_alias(tracking_uri, params.promote.model_name, alias or params.serve.alias)
+    return model_uri(params, alias)
+
+
 def _announce_when_ready(
-    proc: subprocess.Popen, url: str, target: str, which: str, with_token: bool
+    proc: subprocess.Popen, host: str, port: int, target: str, which: str, with_token: bool
 ) -> bool:
     """Print "serving ... on ..." once ``/health`` answers; False if the server exited first."""
     try:
-        wait_until_ready(url, timeout=None, proc=proc)
+        wait_until_ready(probe_url(host, port), timeout=None, proc=proc)
     except TransferError:
         return False
     auth = "bearer token required" if with_token else "no token"
-    print(f"serving {target} ({which}) on {url}/invocations ({auth})", flush=True)
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    print(f"serving {target} ({which}) on http://{shown}:{port}/invocations ({auth})", flush=True)
     return True
 
 
