@@ -298,7 +298,7 @@ def render(results: list[Result], source: str, startup: float, args: argparse.Na
         f"torch {torch.__version__} ({torch.get_num_threads()} CPU thread(s) in server and baselines), "
         "CPU only, "
         f"Python {platform.python_version()}.",
-        f"Server: `transfer serve`'s (MLflow's scoring app behind `tasks.scoring_app`), "
+        "Server: MLflow's scoring app behind `tasks.scoring_app` (what `transfer serve` runs), "
         "1 uvicorn worker, on 127.0.0.1; "
         f"started (registry download + model load) in {startup:.1f} s.",
         f"HTTP clients: {args.threads} threads with keep-alive connections, base64 PNG "
