@@ -1,6 +1,7 @@
 """Serving load test: MLflow's scoring server vs the same model called in-process.
 
-Starts ``mlflow models serve --env-manager local`` on loopback for a registered model, sends
+Starts the scoring server ``transfer serve`` runs (MLflow's scoring app behind the guard of
+``tasks/scoring_app.py``) on loopback for a registered model, sends
 a bounded number of requests (base64 PNGs, ``dataframe_split``) from a fixed number of client
 threads with keep-alive connections, and reports requests/s, images/s and p50/p99 latency per
 batch size. In the same run, two in-process baselines on the same batches:
@@ -297,7 +298,8 @@ def render(results: list[Result], source: str, startup: float, args: argparse.Na
         f"torch {torch.__version__} ({torch.get_num_threads()} CPU thread(s) in server and baselines), "
         "CPU only, "
         f"Python {platform.python_version()}.",
-        f"Server: `mlflow models serve --env-manager local`, 1 uvicorn worker, on 127.0.0.1; "
+        "Server: MLflow's scoring app behind `tasks.scoring_app` (what `transfer serve` runs), "
+        "1 uvicorn worker, on 127.0.0.1; "
         f"started (registry download + model load) in {startup:.1f} s.",
         f"HTTP clients: {args.threads} threads with keep-alive connections, base64 PNG "
         f"`dataframe_split` bodies; in-process baselines run one call at a time. "

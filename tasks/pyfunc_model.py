@@ -35,6 +35,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, ColSpec, Map, Schema
 
 from transfer.predict import DEFAULT_MAX_BATCH, DEFAULT_MAX_IMAGE_BYTES, InputError, Predictor
+from transfer.predict import MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ TENSOR_COLUMN = "tensor"
 # from params.serve); device: auto | cpu | cuda.
 ENV_MAX_BATCH = "TRANSFER_SERVE_MAX_BATCH"
 ENV_MAX_IMAGE_BYTES = "TRANSFER_SERVE_MAX_IMAGE_BYTES"
+ENV_MAX_IMAGE_PIXELS = "TRANSFER_SERVE_MAX_IMAGE_PIXELS"
 ENV_DEVICE = "TRANSFER_SERVE_DEVICE"
 
 # What the served model imports: the pyfunc itself plus the ``transfer`` core (see CONTRACTS.md).
@@ -146,6 +148,12 @@ class TransferPyfuncModel(mlflow.pyfunc.PythonModel):
             os.environ.get(ENV_MAX_IMAGE_BYTES)
             or config.get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES)
         )
+        max_pixels = int(
+            os.environ.get(ENV_MAX_IMAGE_PIXELS) or config.get("max_image_pixels", MAX_PIXELS)
+        )
+        from transfer.data.images import set_pixel_limit
+
+        set_pixel_limit(max_pixels)  # PIL's decompression-bomb guard, explicit
         device = os.environ.get(ENV_DEVICE, "auto")
         if device == "auto":
             import torch
@@ -156,6 +164,7 @@ class TransferPyfuncModel(mlflow.pyfunc.PythonModel):
             max_batch=max_batch,
             max_image_bytes=max_bytes,
             device=device,
+            max_pixels=max_pixels,
         )
 
     def predict(

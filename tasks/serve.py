@@ -1,14 +1,17 @@
-"""Serve the registry's champion with MLflow's scoring server; predict image files offline.
+"""Serve a registered model with MLflow's scoring app; predict image files offline.
 
-``transfer serve`` runs ``mlflow models serve -m models:/<name>@<alias> --env-manager local``
-in this same Python environment (the default ``virtualenv`` env manager would need the
-network). The scoring server loads the model once at start: to serve a newly promoted
-champion, restart it (see docs/deploy.md).
+``transfer serve`` runs ``python -m tasks.scoring_app -m models:/<name>/<version>`` in this
+same Python environment: MLflow's scoring app (what ``mlflow models serve --env-manager local``
+runs) behind a guard for the bearer token, body limits and error replies without echo (see
+``tasks/scoring_app.py``). The alias (or ``--version``, or a whole URI) is resolved to one
+version first, so the version printed is the version served. The server loads the model once
+at start: to serve a newly promoted champion, restart it (see docs/deploy.md).
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import signal
@@ -16,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,25 +41,15 @@ def model_uri(params: Params, alias: str | None = None) -> str:
     return f"models:/{params.promote.model_name}@{alias or params.serve.alias}"
 
 
+def version_uri(name: str, version: str | int) -> str:
+    return f"models:/{name}/{version}"
+
+
 def serve_command(
     model_uri: str, host: str, port: int, workers: int = 1, timeout: int | None = None
 ) -> list[str]:
-    """argv of ``mlflow models serve`` run by this interpreter, with the local env manager."""
-    argv = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "models",
-        "serve",
-        "-m",
-        model_uri,
-        "--env-manager",
-        "local",
-        "-h",
-        host,
-        "-p",
-        str(port),
-    ]
+    """argv of the guarded scoring server (``tasks.scoring_app``) run by this interpreter."""
+    argv = [sys.executable, "-m", "tasks.scoring_app", "-m", model_uri, "-h", host, "-p", str(port)]
     if workers != 1:
         argv += ["-w", str(workers)]
     if timeout is not None:
@@ -68,12 +62,11 @@ def serve_env(
     max_batch: int | None = None,
     max_image_bytes: int | None = None,
     base: dict[str, str] | None = None,
+    auth_token_env: str | None = None,
+    max_image_pixels: int | None = None,
 ) -> dict[str, str]:
-    """Environment for the server: the registry, the limits, and this venv first on PATH.
-
-    ``mlflow models serve`` starts ``bash -c "exec uvicorn ..."``: ``uvicorn`` is looked up on
-    PATH, so the interpreter's bin dir goes first or another environment's uvicorn could run.
-    """
+    """Environment for the server: the registry, the limits, the *name* of the token's
+    variable (the token stays in that variable), and this venv first on PATH."""
     env = dict(os.environ if base is None else base)
     env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in server logs
     bin_dir = str(Path(sys.executable).parent)
@@ -81,12 +74,19 @@ def serve_env(
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
         env["MLFLOW_REGISTRY_URI"] = tracking_uri
-    from tasks.pyfunc_model import ENV_MAX_BATCH, ENV_MAX_IMAGE_BYTES
+    from tasks.pyfunc_model import ENV_MAX_BATCH, ENV_MAX_IMAGE_BYTES, ENV_MAX_IMAGE_PIXELS
 
     if max_batch is not None:
         env[ENV_MAX_BATCH] = str(max_batch)
     if max_image_bytes is not None:
         env[ENV_MAX_IMAGE_BYTES] = str(max_image_bytes)
+    if max_image_pixels is not None:
+        env[ENV_MAX_IMAGE_PIXELS] = str(max_image_pixels)
+    from tasks.scoring_app import ENV_AUTH_TOKEN_ENV
+
+    env.pop(ENV_AUTH_TOKEN_ENV, None)  # params decide, not a stale variable
+    if auth_token_env:
+        env[ENV_AUTH_TOKEN_ENV] = auth_token_env
     return env
 
 
@@ -172,35 +172,111 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def resolve_model(tracking_uri: str, uri: str) -> tuple[str, str]:
+    """A ``models:/`` URI (alias, version, stage, latest) -> (``models:/name/N``, "version N").
+
+    Pinning the version before the download means the version printed is the one served, even
+    if the alias moves meanwhile. Other URIs (``runs:/``, a path) are served as given.
+    """
+    if not uri.startswith("models:/"):
+        return uri, uri
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+    from mlflow.tracking import MlflowClient
+
+    try:
+        found = get_model_name_and_version(MlflowClient(tracking_uri, tracking_uri), uri)
+        if len(found) == 1:  # models:/<model id>: a logged model, no registry version
+            return uri, uri
+        name, version = found
+        MlflowClient(tracking_uri, tracking_uri).get_model_version(name, str(version))
+    except MlflowException as error:
+        detail = error.message.splitlines()[0][:200]
+        raise TransferError(
+            f"no model to serve at {uri} in {redact(tracking_uri)}: {detail}; "
+            "run the pipeline (or promote) first, or check the name/version"
+        ) from None
+    return version_uri(name, version), f"version {version}"
+
+
+def redact(uri: str) -> str:
+    """A URI fit for a log line: ``user:password@`` replaced by ``***@``."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_warning(host: str, port: int, with_token: bool) -> str | None:
+    """What to say when the server is reachable beyond this machine without a token."""
+    if with_token or is_loopback(host):
+        return None
+    return (
+        f"warning: binding {host}:{port} without a token: anyone who reaches this port can "
+        "query the model; set serve.auth_token_env (see README, Security)"
+    )
+
+
+def probe_url(host: str, port: int) -> str:
+    """Where this host can reach the server: a wildcard bind answers on loopback."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 def serve(
     params: Params,
     alias: str | None = None,
     port: int | None = None,
     tracking_uri: str | None = None,
     host: str | None = None,
+    version: int | None = None,
+    model: str | None = None,
 ) -> int:
     """Run the scoring server in the foreground until it exits; returns its exit code.
 
+    The model: ``model`` (any ``models:/`` URI), else ``models:/<promote.model_name>/<version>``,
+    else ``models:/<promote.model_name>@<alias or serve.alias>``, pinned to one version.
     Host/port: the arguments, else ``TRANSFER_SERVE_HOST`` / ``TRANSFER_SERVE_PORT``, else
-    ``params.serve``. The model: ``models:/<promote.model_name>@<alias or serve.alias>``.
+    ``params.serve``. With ``serve.auth_token_env`` set, requests need that variable's token.
+    "serving on ..." is printed once ``/health`` answers.
 
     SIGTERM / SIGINT / SIGHUP are forwarded to the server's process group, so
     ``docker stop`` (this process may be PID 1) and Ctrl-C shut uvicorn down cleanly.
     """
+    from tasks.scoring_app import ConfigError, auth_token
     from tasks.tracking import tracking_uri as default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri(params)
-    alias = alias or params.serve.alias
-    version = check_alias(uri, params.promote.model_name, alias)
-    target = model_uri(params, alias)
+    token_env = params.serve.auth_token_env
+    try:  # fail closed: a named but empty variable must not mean "no auth"
+        token = auth_token(token_env)
+    except ConfigError as error:
+        raise TransferError(str(error)) from None
+    requested = requested_uri(params, uri, alias, version, model)
+    target, which = resolve_model(uri, requested)
     host = host or os.environ.get(ENV_HOST) or params.serve.host
     port = port or int(os.environ.get(ENV_PORT) or params.serve.port)
-    print(
-        f"serving {target} (version {version}) on http://{host}:{port}/invocations "
-        f"(tracking {uri})",
-        flush=True,
+    if warning := bind_warning(host, port, token is not None):
+        print(warning, file=sys.stderr, flush=True)
+    print(f"loading {requested} ({which}) from {redact(uri)}", flush=True)
+    env = serve_env(
+        uri, params.serve.max_batch, params.serve.max_image_bytes, auth_token_env=token_env,
+        max_image_pixels=params.serve.max_image_pixels,
     )
-    env = serve_env(uri, params.serve.max_batch, params.serve.max_image_bytes)
     proc = start_server(target, host, port, env=env)
 
     stopped: list[int] = []
@@ -211,6 +287,7 @@ def serve(
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
+        _announce_when_ready(proc, host, port, target, which, token is not None)
         code = proc.wait()
         deadline = time.monotonic() + 10
         while _group_alive(proc.pid) and time.monotonic() < deadline:
@@ -223,14 +300,43 @@ def serve(
             stop_server(proc)
 
 
-def wait_until_ready(
-    url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None
-) -> float:
-    """Poll ``<url>/ping`` until it answers 200; returns seconds waited.
+def requested_uri(
+    params: Params, tracking_uri: str, alias: str | None, version: int | None, model: str | None
+) -> str:
+    """The model URI asked for: ``model``, a version, else an alias (checked to exist)."""
+    if sum(x is not None for x in (alias, version, model)) > 1:
+        raise TransferError("give one of --alias, --version, --model-uri")
+    if model is not None:
+        return model
+    if version is not None:
+        return version_uri(params.promote.model_name, version)
+    check_alias(tracking_uri, params.promote.model_name, alias or params.serve.alias)
+    return model_uri(params, alias)
 
-    Raises TransferError if ``proc`` exits first, TimeoutError after ``timeout`` seconds.
+
+def _announce_when_ready(
+    proc: subprocess.Popen, host: str, port: int, target: str, which: str, with_token: bool
+) -> bool:
+    """Print "serving ... on ..." once ``/health`` answers; False if the server exited first."""
+    try:
+        wait_until_ready(probe_url(host, port), timeout=None, proc=proc)
+    except TransferError:
+        return False
+    auth = "bearer token required" if with_token else "no token"
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    print(f"serving {target} ({which}) on http://{shown}:{port}/invocations ({auth})", flush=True)
+    return True
+
+
+def wait_until_ready(
+    url: str, timeout: float | None = 60.0, proc: subprocess.Popen | None = None
+) -> float:
+    """Poll ``<url>/health`` (open without a token) until it answers 200; returns seconds waited.
+
+    Raises TransferError if ``proc`` exits first, TimeoutError after ``timeout`` seconds
+    (None: wait as long as ``proc`` runs).
     """
-    ping = url.rstrip("/") + "/ping"
+    ping = url.rstrip("/") + "/health"
     start = time.monotonic()
     while True:
         if proc is not None and proc.poll() is not None:
@@ -243,16 +349,22 @@ def wait_until_ready(
                     return time.monotonic() - start
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             pass
-        if time.monotonic() - start > timeout:
+        if timeout is not None and time.monotonic() - start > timeout:
             raise TimeoutError(f"{ping} did not answer within {timeout:.0f} s")
         time.sleep(0.25)
 
 
-def encode_file(path: str | Path) -> str:
-    """An image file -> base64 text, as a client puts it in the ``image`` column."""
+def encode_file(path: str | Path, max_bytes: int | None = None) -> str:
+    """An image file -> base64 text, as a client puts it in the ``image`` column; a file over
+    ``max_bytes`` is refused before it is read."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such image file: {path}")
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise DataError(
+            f"{path}: image too large: {path.stat().st_size} bytes, the limit is {max_bytes} "
+            "bytes (serve.max_image_bytes)"
+        )
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
@@ -269,7 +381,9 @@ def predict_files(
 
     if not paths:
         raise TransferError("no image files given")
-    encoded = [encode_file(path) for path in paths]
+    missing = [path for path in paths if not Path(path).is_file()]
+    if missing:  # before the (slow) model load
+        raise DataError(f"no such image file: {missing[0]}")
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
@@ -277,7 +391,9 @@ def predict_files(
         model = mlflow.pyfunc.load_model(model_uri)
     except mlflow.exceptions.MlflowException as error:
         raise TransferError(f"cannot load {model_uri}: {error.message.splitlines()[0]}") from None
-    chunk = int((model.model_config or {}).get("max_batch", 256))
+    config = model.model_config or {}
+    chunk = int(config.get("max_batch", 256))
+    encoded = [encode_file(path, int(config.get("max_image_bytes", 2_000_000))) for path in paths]
     results: list[dict[str, Any]] = []
     for start in range(0, len(encoded), chunk):
         frame = model.predict(pd.DataFrame({"image": encoded[start : start + chunk]}))

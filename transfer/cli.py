@@ -200,13 +200,19 @@ def serve(
     alias: Annotated[str | None, typer.Option(help="registry alias to serve (default serve.alias)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default serve.port)")] = None,
     host: Annotated[str | None, typer.Option(help="host (default serve.host)")] = None,
+    version: Annotated[int | None, typer.Option(help="registry version to serve instead of an alias", min=1)] = None,
+    model_uri: Annotated[str | None, typer.Option(
+        "--model-uri", "-m", help="any model URI, e.g. models:/<name>/3 or models:/<name>@<alias>")] = None,
 ) -> None:
-    """Serve models:/<name>@<alias> with MLflow's scoring server (POST /invocations)."""
+    """Serve models:/<name>@<alias> (or a version, or a URI) with MLflow's scoring app (POST /invocations)."""
     from tasks.serve import serve as run_server
     from tasks.tracking import tracking_uri
 
     params = _params(params_file, overrides)
-    raise typer.Exit(run_server(params, alias=alias, port=port, tracking_uri=tracking_uri(params), host=host))
+    raise typer.Exit(run_server(
+        params, alias=alias, port=port, tracking_uri=tracking_uri(params), host=host, version=version,
+        model=model_uri,
+    ))
 
 
 @app.command()

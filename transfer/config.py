@@ -51,6 +51,8 @@ class DataParams(_Section):
     channels: Literal[1, 3] = 1
     seed: int = 0
     skip_bad_images: bool = False  # skip corrupt/non-image files with a warning instead of failing
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit")
+    max_image_bytes: int = Field(50_000_000, ge=1, description="larger files are unreadable")
     source: SourceData = SourceData()
     target: TargetData = TargetData()
 
@@ -152,6 +154,10 @@ class ServeParams(_Section):
     alias: str = "champion"
     max_batch: int = Field(256, ge=1)
     max_image_bytes: int = Field(2_000_000, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit")
+    # The *name* of the environment variable holding the bearer token (never the token):
+    # set, every request but /health and /ping needs "Authorization: Bearer <token>".
+    auth_token_env: str | None = Field(None, pattern=r"^[A-Z_][A-Z0-9_]*$")
 
 
 class ScheduleParams(_Section):

@@ -37,7 +37,7 @@ from transfer.errors import TransferError
 
 DEFAULT_MAX_BATCH = 256  # serve.max_batch
 DEFAULT_MAX_IMAGE_BYTES = 2_000_000  # serve.max_image_bytes
-MAX_PIXELS = 40_000_000  # decompression-bomb guard: a 2 MB PNG can claim 100k x 100k pixels
+MAX_PIXELS = 40_000_000  # serve.max_image_pixels: a 2 MB PNG can claim 100k x 100k pixels
 IMAGE_FORMATS = frozenset({"PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP"})
 INFERENCE_CHUNK = 256  # rows per forward pass, bounds activation memory
 
@@ -86,6 +86,7 @@ def decode_image(
     channels: int,
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     index: int | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
     """Encoded image -> uint8 array (C, S, S), preprocessed exactly like the training data."""
     if isinstance(data, Image.Image):
@@ -100,7 +101,7 @@ def decode_image(
         raise InputError(f"{_row(index)}: empty image")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
             with Image.open(io.BytesIO(raw)) as image:
                 if image.format not in IMAGE_FORMATS:
                     raise InputError(
@@ -108,10 +109,10 @@ def decode_image(
                         f"use one of {', '.join(sorted(IMAGE_FORMATS))}"
                     )
                 width, height = image.size
-                if width * height > MAX_PIXELS:
+                if width * height > max_pixels:
                     raise InputError(
                         f"{_row(index)}: image too large: {width}x{height} pixels, the limit is "
-                        f"{MAX_PIXELS} pixels"
+                        f"{max_pixels} pixels (serve.max_image_pixels)"
                     )
                 image.load()
                 return to_array(image, image_size, channels)
@@ -201,6 +202,7 @@ def prepare_batch(
     channels: int,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_pixels: int = MAX_PIXELS,
 ) -> torch.Tensor:
     """Anything ``Predictor.predict`` accepts -> float32 (N, C, S, S) in the model input space."""
     if isinstance(images, (torch.Tensor, np.ndarray)):
@@ -222,7 +224,7 @@ def prepare_batch(
     rows = []
     for index, item in enumerate(items):
         if _is_encoded(item):
-            pixels = decode_image(item, image_size, channels, max_image_bytes, index)
+            pixels = decode_image(item, image_size, channels, max_image_bytes, index, max_pixels)
             rows.append(to_float(torch.tensor(pixels)[None]).to(torch.float32))  # copy: PIL arrays are read-only
         elif item is None or (isinstance(item, float) and np.isnan(item)):
             raise InputError(f"row {index}: missing image")
@@ -245,12 +247,14 @@ class Predictor:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         device: str | torch.device = "cpu",
+        max_pixels: int = MAX_PIXELS,
     ):
         self.classes = [str(name) for name in meta["classes"]]
         self.image_size = int(meta["image_size"])
         self.channels = int(meta.get("in_channels", 1))
         self.max_batch = int(max_batch)
         self.max_image_bytes = int(max_image_bytes)
+        self.max_pixels = int(max_pixels)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.meta = dict(meta)
@@ -267,7 +271,8 @@ class Predictor:
 
     def prepare(self, images: Any) -> torch.Tensor:
         return prepare_batch(
-            images, self.image_size, self.channels, self.max_batch, self.max_image_bytes
+            images, self.image_size, self.channels, self.max_batch, self.max_image_bytes,
+            self.max_pixels,
         )
 
     @torch.inference_mode()

@@ -264,8 +264,8 @@ def test_loads_from_another_cwd_without_the_installed_package(registry, tmp_path
 
 def test_serve_command_uses_this_environment() -> None:
     argv = serve_command("models:/m@champion", "0.0.0.0", 5001)
-    assert argv[:5] == [sys.executable, "-m", "mlflow", "models", "serve"]
-    assert argv[5:] == ["-m", "models:/m@champion", "--env-manager", "local", "-h", "0.0.0.0", "-p", "5001"]
+    assert argv[:3] == [sys.executable, "-m", "tasks.scoring_app"]  # MLflow's app, guarded
+    assert argv[3:] == ["-m", "models:/m@champion", "-h", "0.0.0.0", "-p", "5001"]
     env = serve_env("sqlite:///x.db", max_batch=4, max_image_bytes=10, base={"PATH": "/usr/bin"})
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)  # our uvicorn
     assert env["MLFLOW_TRACKING_URI"] == env["MLFLOW_REGISTRY_URI"] == "sqlite:///x.db"

@@ -5,14 +5,20 @@ unlabelled images (label "", split "unlabelled") for domain-adversarial training
 Hidden files and folders (``.DS_Store``, ``.cache``) and loose files at the top level
 (a README, a manifest) are ignored. An empty class folder is not an error here: prepare
 copies it as an empty folder and validation reports it with the dataset's other problems.
+The tree is untrusted: a symlink that leads out of the root is refused (one inside it is
+fine), a file over the byte limit is recorded unreadable without being read, and an image
+over the pixel limit without being decoded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from transfer.data.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 from transfer.data.manifest import ManifestRow, inspect_image
 from transfer.data.progress import progress_bar
 from transfer.errors import DataError
@@ -32,6 +38,20 @@ def _visible_files(folder: Path) -> list[Path]:
         p for p in folder.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
+
+
+def inside(root: Path, rel: str | Path) -> Path:
+    """``root / rel``, refused (DataError) unless it resolves inside ``root``: no ``..``, no
+    absolute path, no symlink out of the dataset."""
+    path = root / rel
+    escapes = Path(rel).is_absolute() or ".." in Path(rel).parts
+    if escapes or not path.resolve().is_relative_to(root.resolve()):
+        target = path.resolve() if path.is_symlink() else path
+        raise DataError(
+            f"{path} leads out of the ImageFolder root {root} (to {target}): copy the files "
+            "into the root instead of linking them"
+        )
+    return path
 
 
 def list_imagefolder(root: str | Path) -> list[FolderFile]:
@@ -54,7 +74,8 @@ def list_imagefolder(root: str | Path) -> list[FolderFile]:
         )
     files: list[FolderFile] = []
     for folder in folders:
-        found = _visible_files(folder)
+        inside(root, folder.name)
+        found = [inside(root, p.relative_to(root)) for p in _visible_files(folder)]
         label = "" if folder.name == UNLABELLED_DIR else folder.name
         files += [FolderFile(p.relative_to(root).as_posix(), label) for p in found]
     return files
@@ -72,12 +93,14 @@ def empty_class_folders(root: str | Path) -> list[str]:
 
 def copy_imagefolder(
     root: str | Path, dest: Path, *, files: list[FolderFile], empty: Sequence[str] = (),
-    progress: bool = True,
+    progress: bool = True, max_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[ManifestRow]:
     """Copy the files byte-for-byte into ``dest`` and describe each (readable or not).
 
     ``empty`` class folders are created empty: validation counts them as classes with no
-    images and says so.
+    images and says so. A file over ``max_bytes`` (data.max_image_bytes) is streamed, not
+    read into memory, and recorded unreadable; ``max_pixels`` (data.max_image_pixels) bounds
+    decoding.
     """
     root = Path(root)
     for name in empty:
@@ -87,9 +110,21 @@ def copy_imagefolder(
     rows = []
     with progress_bar(progress) as track:
         for item in track(files, description=f"copying {root.name}", total=len(files)):
-            data = (root / item.rel).read_bytes()
-            target = dest / item.rel
+            source, target = inside(root, item.rel), inside(dest, item.rel)
             target.parent.mkdir(parents=True, exist_ok=True)
+            size = source.stat().st_size
+            if size > max_bytes:
+                rows.append(_oversize(source, target, item, size, max_bytes))
+                continue
+            data = source.read_bytes()
             target.write_bytes(data)  # same bytes we hashed: the manifest matches the copy
-            rows.append(inspect_image(data, item.rel, item.label))
+            rows.append(inspect_image(data, item.rel, item.label, max_pixels=max_pixels))
     return rows
+
+
+def _oversize(source: Path, target: Path, item: FolderFile, size: int, limit: int) -> ManifestRow:
+    shutil.copyfile(source, target)
+    with target.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    error = f"file too large: {size} bytes, the limit is {limit} bytes (data.max_image_bytes)"
+    return ManifestRow(item.rel, item.label, "", 0, 0, "", 0, digest, False, error)

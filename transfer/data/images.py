@@ -3,12 +3,60 @@
 from __future__ import annotations
 
 import io
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 RESAMPLE = Image.Resampling.BILINEAR  # antialiased when shrinking (PIL scales the filter)
+# Untrusted files: a few-KB PNG can claim 100k x 100k pixels, a "JPEG" can be gigabytes.
+DEFAULT_MAX_PIXELS = 40_000_000  # data.max_image_pixels, serve.max_image_pixels
+DEFAULT_MAX_FILE_BYTES = 50_000_000  # data.max_image_bytes
+
+
+class ImageTooLarge(ValueError):
+    """An image over the pixel or byte limit: refused before it is decoded."""
+
+
+def set_pixel_limit(max_pixels: int) -> None:
+    """Set PIL's decompression-bomb limit explicitly (it warns above it, raises above twice
+    it); ``open_bounded`` refuses anything above it."""
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+
+
+set_pixel_limit(DEFAULT_MAX_PIXELS)  # explicit, not PIL's default of ~89 M
+
+
+@contextmanager
+def open_bounded(
+    source: bytes | str | Path,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
+) -> Iterator[Image.Image]:
+    """``Image.open`` that refuses (ImageTooLarge) files over ``max_bytes`` and images over
+    ``max_pixels`` from the header alone, before any pixel is decoded."""
+    size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise ImageTooLarge(f"image file too large: {size} bytes, the limit is {max_bytes} bytes")
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+            image = Image.open(handle)
+    except Image.DecompressionBombError:  # over twice PIL's limit
+        raise ImageTooLarge(
+            f"image too large: more than {Image.MAX_IMAGE_PIXELS} pixels (decompression-bomb guard)"
+        ) from None
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(
+                f"image too large: {width}x{height} pixels, the limit is {max_pixels} pixels"
+            )
+        yield image
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -30,10 +78,15 @@ def to_array(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
     return array[None] if channels == 1 else array.transpose(2, 0, 1)  # (C, S, S)
 
 
-def decode_image(source: bytes | str | Path, image_size: int, channels: int) -> np.ndarray:
-    """Decode bytes or a file -> uint8 array (C, S, S); raises what PIL raises."""
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
-    with Image.open(handle) as image:
+def decode_image(
+    source: bytes | str | Path,
+    image_size: int,
+    channels: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
+) -> np.ndarray:
+    """Decode bytes or a file -> uint8 array (C, S, S); raises ImageTooLarge or what PIL raises."""
+    with open_bounded(source, max_pixels, max_bytes) as image:
         image.load()
         return to_array(image, image_size, channels)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -18,8 +17,7 @@ from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
+from transfer.data.images import DEFAULT_MAX_PIXELS, open_bounded
 from transfer.errors import DataError
 
 MANIFEST_NAME = "manifest.csv"
@@ -55,8 +53,11 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}".rstrip(": ")
 
 
-def inspect_image(data: bytes, path: str, label: str, split: str = "") -> ManifestRow:
-    """Describe one file from its bytes; a file PIL cannot fully decode is ``readable=False``."""
+def inspect_image(
+    data: bytes, path: str, label: str, split: str = "", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ManifestRow:
+    """Describe one file from its bytes; a file PIL cannot fully decode, or one over
+    ``max_pixels`` (data.max_image_pixels, checked before decoding), is ``readable=False``."""
     digest = hashlib.sha256(data).hexdigest()
     suffix = Path(path).suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
@@ -64,7 +65,7 @@ def inspect_image(data: bytes, path: str, label: str, split: str = "") -> Manife
         error = f"not an image file: extension '{suffix or '(none)'}' (expected {allowed})"
         return ManifestRow(path, label, split, 0, 0, "", 0, digest, False, error)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_bounded(data, max_pixels, max_bytes=None) as image:  # bytes: see copy_imagefolder
             image.load()  # verify() misses truncated pixel data; a full decode does not
             width, height, mode = image.width, image.height, image.mode
             channels = len(image.getbands())
@@ -171,6 +172,9 @@ def parse_row(raw: dict[str, str], where: str, *, strict: bool = True) -> Manife
     the file. Not strict (validation, which reports those values itself): such a row is
     kept as unreadable with the reason in ``error``, so summaries never count it.
     """
+    unsafe = raw.get("path") and (Path(raw["path"]).is_absolute() or ".." in Path(raw["path"]).parts)
+    if unsafe:  # every later step opens <dataset_dir>/<path>: keep it inside the dataset, always
+        raise DataError(f"{where}: manifest path {raw['path']!r} leaves the dataset directory")
     readable, ints = _row_problems(raw)
     bad = []
     if readable is None:

@@ -26,6 +26,7 @@ from transfer.config import DataParams
 from transfer.data.digits import write_sklearn_digits
 from transfer.data.fonts import digit_fonts, write_font_digits
 from transfer.data.imagefolder import copy_imagefolder, empty_class_folders, list_imagefolder
+from transfer.data.images import set_pixel_limit
 from transfer.data.manifest import (
     UNLABELLED,
     ManifestRow,
@@ -228,11 +229,14 @@ def _build(
     return dest
 
 
-def _imagefolder_producer(root: Path, progress: bool) -> tuple[Producer, list[str]]:
+def _imagefolder_producer(root: Path, progress: bool, params: DataParams) -> tuple[Producer, list[str]]:
     """The copying producer and the empty class folders (validated before any copying)."""
     files, empty = list_imagefolder(root), empty_class_folders(root)
+    set_pixel_limit(params.max_image_pixels)  # PIL's own guard, for every later decode too
     return functools.partial(
-        copy_imagefolder, root, files=files, empty=empty, progress=progress), empty
+        copy_imagefolder, root, files=files, empty=empty, progress=progress,
+        max_bytes=params.max_image_bytes, max_pixels=params.max_image_pixels,
+    ), empty
 
 
 def _source_sizes(test_fraction: float, val_fraction: float, n: int) -> tuple[float, float]:
@@ -255,8 +259,9 @@ def prepare_source(params: DataParams, *, strict: bool = True, progress: bool = 
         origin, empty = Path("data.source (fonts)"), []
     else:
         origin = Path(spec.path or "")
-        produce, empty = _imagefolder_producer(origin, progress)
-        recipe |= {"path": spec.path, "listing": _listing_digest(origin)}
+        produce, empty = _imagefolder_producer(origin, progress, params)
+        recipe |= {"path": spec.path, "listing": _listing_digest(origin),
+                   "limits": [params.max_image_pixels, params.max_image_bytes]}
     return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict,
                   empty_classes=empty)
 
@@ -272,8 +277,9 @@ def prepare_target(params: DataParams, *, strict: bool = True, progress: bool = 
         origin, empty = Path("data.target (sklearn_digits)"), []
     else:
         origin = Path(spec.path or "")
-        produce, empty = _imagefolder_producer(origin, progress)
-        recipe |= {"path": spec.path, "listing": _listing_digest(origin)}
+        produce, empty = _imagefolder_producer(origin, progress, params)
+        recipe |= {"path": spec.path, "listing": _listing_digest(origin),
+                   "limits": [params.max_image_pixels, params.max_image_bytes]}
     return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict,
                   empty_classes=empty)
 
