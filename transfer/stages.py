@@ -22,6 +22,7 @@ from transfer.errors import TransferError
 from transfer.metrics import classification_report, plot_confusion_matrix, plot_learning_curves
 from transfer.models import TransferNet, create_model, load_model_dir, save_model_dir, weights_sha256
 from transfer.feature_cache import FeatureCache, train_head_cached
+from transfer import fingerprint
 from transfer.techniques.gradual import GradualUnfreezing
 from transfer.train import fit, predict_proba, runtime_device, seed_everything
 
@@ -77,6 +78,7 @@ def _model_meta(params: Params, model: TransferNet, classes: list[str], **extra:
         "channels": params.data.channels,
         "classes": classes,
         "normalisation": "(x/255 - 0.5) / 0.5",
+        "code_fingerprint": fingerprint.code_fingerprint(),  # the transfer/ code that trained it
         **extra,
     }
 

@@ -2,7 +2,8 @@
 
 Each dataset is built in a temporary folder beside its destination and renamed into
 place only when complete (files, splits, manifest), so a crash never leaves half a
-dataset. A dataset whose recipe (kind, params, input listing) is unchanged since the
+dataset. A dataset whose recipe (kind, params, input listing, code of
+``transfer/data``) is unchanged since the
 last build is reused instead of rebuilt.
 """
 
@@ -35,6 +36,7 @@ from transfer.data.manifest import (
 )
 from transfer.data.splits import assign_splits, check_splits
 from transfer.errors import DataError
+from transfer import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +180,9 @@ def _build(
     dest: Path, recipe: dict[str, Any], produce: Producer, sizes: Callable[[int], tuple[Any, Any]],
     *, origin: Path, params: DataParams, strict: bool,
 ) -> Path:
+    # the code that renders/copies and splits is part of the recipe: an edit rebuilds
     recipe = {**recipe, "seed": params.seed, "skip_bad_images": params.skip_bad_images,
-              "strict": strict}
+              "strict": strict, "code": fingerprint.code_fingerprint("data")}
     recipe = json.loads(json.dumps(recipe))  # normalise (tuples -> lists) for comparison
     if _is_current(dest, recipe):
         log.info("%s is up to date; reusing it", dest)
