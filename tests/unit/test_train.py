@@ -11,7 +11,6 @@ from transfer import fingerprint
 from transfer.config import OptimParams
 from transfer.data import ImageTensors
 from transfer.errors import TransferError
-
 from transfer.models import create_model
 from transfer.train import CrashAfterEpoch, fit, predict_proba, resolve_device
 
