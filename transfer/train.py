@@ -450,7 +450,8 @@ def _restore_rng(state: dict[str, Any], loop: _Loop) -> None:
 
 def _checkpoint_origin(cfg: OptimParams, seed: int) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the code, the optimisation params, the seed."""
-    return {"code_fingerprint": fingerprint.code_fingerprint(), "cfg": cfg.model_dump(mode="json"), "seed": seed}
+    optim = {name: getattr(cfg, name) for name in OptimParams.model_fields}  # what fit reads, no more
+    return {"code_fingerprint": fingerprint.code_fingerprint(), "cfg": optim, "seed": seed}
 
 
 def _checkpoint_state(
