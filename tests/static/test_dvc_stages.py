@@ -232,3 +232,22 @@ def test_the_params_check_catches_drift(recorded) -> None:
     assert "lists param promote but never reads it" in problems
     no_data = {**spec, "deps": [d for d in _deps(spec) if d != "data/target"]}
     assert any("reads data/target/" in p for p in file_problems("baseline", no_data, baseline["files"]))
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+def _metrics_files() -> list[str]:
+    return [next(iter(m)) if isinstance(m, dict) else str(m)
+            for spec in stages().values() for m in spec.get("metrics", [])]
+
+
+def test_experiment_commits_hold_the_metrics_and_autostage_is_off() -> None:
+    """`dvc exp show` reads metrics from each experiment's commit: a git-ignored metrics
+    file shows as `!`. DVC's autostage would `git add` dvc.lock behind the user's back."""
+    files = _metrics_files()
+    assert files, "dvc.yaml declares no metrics"
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=REPO, capture_output=True, text=True)
+    assert proc.stdout.strip() == "", f"git ignores these dvc metrics (exp show prints `!`): {proc.stdout.split()}"
+    config = (REPO / ".dvc" / "config").read_text().replace(" ", "").lower()
+    assert "autostage=true" not in config, ".dvc/config turns on autostage (stages dvc.lock silently)"
