@@ -22,10 +22,9 @@ from prefect.context import TaskRunContext
 
 from tasks import tracking
 from tasks.common import stage_task
-from transfer import stages
+from transfer import fingerprint, stages
 from transfer.config import Params
 from transfer.errors import TransferError
-from transfer import fingerprint
 from transfer.models import load_model_dir
 
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transfer import fingerprint
 from transfer.data import ImageTensors, to_float
 from transfer.errors import TransferError
-from transfer import fingerprint
 from transfer.train import EpochStats, autocast_for, seed_everything
 
 log = logging.getLogger(__name__)

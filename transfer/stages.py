@@ -15,14 +15,13 @@ from typing import Any
 
 import torch
 
-from transfer import distributed, freezing
+from transfer import distributed, fingerprint, freezing
 from transfer.config import Params
 from transfer.data import ImageTensors, dataset_version, load_split, prepare_datasets, subsample_per_class
 from transfer.errors import TransferError
 from transfer.metrics import classification_report, plot_confusion_matrix, plot_learning_curves
 from transfer.models import TransferNet, create_model, load_model_dir, save_model_dir, weights_sha256
 from transfer.feature_cache import FeatureCache, train_head_cached
-from transfer import fingerprint
 from transfer.techniques.gradual import GradualUnfreezing
 from transfer.train import fit, predict_proba, runtime_device, seed_everything
 

@@ -36,11 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transfer import distributed
+from transfer import distributed, fingerprint
 from transfer.config import OptimParams, RuntimeParams
 from transfer.data import ImageTensors, random_shift, to_float
 from transfer.errors import TransferError
-from transfer import fingerprint
 
 log = logging.getLogger(__name__)
 

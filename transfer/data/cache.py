@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transfer import fingerprint
 from transfer.data.images import decode_image
 from transfer.data.manifest import SPLITS, UNLABELLED, class_names, manifest_sha256, read_manifest
 from transfer.data.tensors import UNLABELLED_INDEX, ImageTensors
 from transfer.errors import DataError
-from transfer import fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from transfer import fingerprint
 from transfer.config import DataParams
 from transfer.data.digits import write_sklearn_digits
 from transfer.data.fonts import digit_fonts, write_font_digits
@@ -36,7 +37,6 @@ from transfer.data.manifest import (
 )
 from transfer.data.splits import assign_splits, check_splits
 from transfer.errors import DataError
-from transfer import fingerprint
 
 log = logging.getLogger(__name__)
 
