@@ -154,6 +154,18 @@ def test_a_checkpoint_for_other_params_is_not_resumed(tmp_path: Path, change: di
     assert result.resumed_from_epoch == 0 and len(result.history) == cfg.epochs
 
 
+def test_a_checkpoint_from_before_fingerprints_is_not_resumed(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(create_model("tiny_cnn", 3, 1), _toy(), None, _cfg(), device=CPU, seed=3, progress=False,
+            checkpoint_dir=tmp_path, callbacks=[CrashAfterEpoch(2)])
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    del state["origin"]  # what an older version wrote
+    torch.save(state, tmp_path / "last.pt")
+    result = fit(create_model("tiny_cnn", 3, 1), _toy(), None, _cfg(), device=CPU, seed=3, progress=False,
+                 checkpoint_dir=tmp_path)
+    assert result.resumed_from_epoch == 0 and len(result.history) == 4
+
+
 def test_cpu_runs_full_precision_and_leaves_contiguous_weights() -> None:
     from transfer.train import amp_dtype, autocast_for, uses_channels_last
 
