@@ -1,8 +1,10 @@
 """Stages 3-4: source pretraining, target fine-tuning and the from-scratch baseline.
 
 Each stage's output directory is keyed by a hash of everything that determines it
-(params of that stage, data versions, the source weights), so:
-- a finished source model for the same data+params is reused, never retrained;
+(params of that stage, data versions, the source weights, and the fingerprint of the
+``transfer/`` code, see ``transfer.fingerprint``), so:
+- a finished source model for the same code+data+params is reused, never retrained;
+- after an edit to ``transfer/`` every stage trains again, into a new directory;
 - a crashed fine-tune resumes from its per-epoch checkpoint when the flow is rerun;
 - two concurrent pipeline runs never write into each other's directories (file lock).
 """
@@ -10,7 +12,6 @@ Each stage's output directory is keyed by a hash of everything that determines i
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import tempfile
 from pathlib import Path
@@ -21,7 +22,7 @@ from prefect.context import TaskRunContext
 
 from tasks import tracking
 from tasks.common import stage_task
-from transfer import stages
+from transfer import fingerprint, stages
 from transfer.config import Params
 from transfer.errors import TransferError
 from transfer.models import load_model_dir
@@ -39,6 +40,7 @@ def _source_key(params: Params, data: dict[str, Any]) -> str:
         params.data.channels,
         params.runtime.seed,
         data["source"]["version"],
+        fingerprint.code_fingerprint(),
     )
 
 
@@ -47,7 +49,8 @@ def source_dir(params: Params, data: dict[str, Any]) -> Path:
 
 
 def _stage_code_hash() -> str:
-    return content_key(inspect.getsource(stages))
+    """The code that trains the stages: all of ``transfer/``, not one module of it."""
+    return fingerprint.code_fingerprint()
 
 
 def _pretrain_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
@@ -180,6 +183,7 @@ def _train_target(
         kind, strategy, params.finetune.model_dump(mode="json", exclude={"seeds"}), params.pretrain.arch,
         params.data.image_size, params.data.channels, params.runtime.seed,
         data["target"]["version"], source["weights_sha256"] if source else None,
+        {"code_fingerprint": fingerprint.code_fingerprint()},
     ]
     out = Path(params.runtime.artifacts_dir) / kind / content_key(*inputs)
     out.mkdir(parents=True, exist_ok=True)

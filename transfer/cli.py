@@ -53,12 +53,14 @@ def data_prepare(
         "`transfer validate` then reports them (what dvc.yaml and the flow do)")] = False,
 ) -> None:
     """Materialise the source and target datasets as ImageFolder trees + manifests under data/."""
-    from transfer import stages
+    # transfer.data only (what stages.prepare calls), not stages: dvc.yaml's prepare depends
+    # on the code it imports, and an edit to the training code must not re-render the data
+    from transfer.data import dataset_version, prepare_datasets
 
     params = _params(params_file, overrides)
-    result = stages.prepare(params, strict=not (params.data.skip_bad_images or record_bad), progress=True)
-    for name, info in result.items():
-        console.print(f"[green]{name}[/green]: {info['dir']} (version {info['version'][:12]})")
+    dirs = prepare_datasets(params.data, strict=not (params.data.skip_bad_images or record_bad), progress=True)
+    for name, path in dirs.items():
+        console.print(f"[green]{name}[/green]: {path} (version {dataset_version(path)[:12]})")
 
 
 @app.command()

@@ -2,9 +2,9 @@
 
 When the body is frozen (head-only strategy, linear probes, zero-shot) every epoch would
 push the same images through the same weights. Instead the features (N, F) are computed
-once per (dataset version, body weights sha256, split) and kept on disk as ``.pt`` files
-(atomic write, ``weights_only`` load). :func:`train_head_on_features` reproduces what
-:func:`transfer.train.fit` does to the head when the body is frozen and augmentation is
+once per (dataset version, body weights sha256, split, code fingerprint) and kept on disk
+as ``.pt`` files (atomic write, ``weights_only`` load). :func:`train_head_on_features`
+reproduces what :func:`transfer.train.fit` does to the head when the body is frozen and augmentation is
 off: same optimizer, LR schedule, batch order, dropout draws and loss, so the same head.
 """
 
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transfer import fingerprint
 from transfer.data import ImageTensors, to_float
 from transfer.errors import TransferError
 from transfer.train import EpochStats, autocast_for, seed_everything
@@ -57,8 +58,9 @@ def data_fingerprint(data: ImageTensors) -> str:
 
 
 def feature_key(dataset_version: str, weights_sha: str, split: str, *extra: object) -> str:
-    """Cache key: dataset version, body weights hash, split (+ image size, channels, ...)."""
-    parts = [dataset_version, weights_sha, split, *(str(e) for e in extra)]
+    """Cache key: dataset version, body weights hash, split (+ image size, channels, ...) and
+    the code fingerprint (the body's forward and the normalisation are code too)."""
+    parts = [dataset_version, weights_sha, split, *(str(e) for e in extra), fingerprint.code_fingerprint()]
     return "|".join(parts)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from transfer import distributed, freezing, stats
+from transfer import distributed, fingerprint, freezing, stats
 from transfer.calibration import apply_temperature, fit_temperature, nll
 from transfer.config import Params
 from transfer.data import ImageTensors, dataset_version, load_split, prepare_datasets, subsample_per_class
@@ -85,6 +85,7 @@ def _model_meta(params: Params, model: TransferNet, classes: list[str], **extra:
         "channels": params.data.channels,
         "classes": classes,
         "normalisation": "(x/255 - 0.5) / 0.5",
+        "code_fingerprint": fingerprint.code_fingerprint(),  # the transfer/ code that trained it
         **extra,
     }
 

@@ -6,6 +6,10 @@ copied to the GPU once (through pinned memory) and batches are gathered, convert
 augmented there; the loop syncs with the host once per epoch. The loop checkpoints
 every epoch (model, optimizer, scheduler, loss scaler, RNG state) and resumes from the
 last checkpoint, giving the same final weights as an uninterrupted run with the same seed.
+A checkpoint records the code fingerprint, the optimisation params and the seed; one
+written by other code or for other params is not resumed (the run starts over and logs
+why). A finished run deletes its checkpoint: only a crashed run can be resumed, never a
+finished one (whose "resume" would train nothing and hand back the old weights).
 
 Devices (``runtime.device: auto|cpu|cuda``): CPU trains in float32 and is bit-for-bit
 reproducible for a seed. CUDA trains under autocast (bf16 where the GPU has it, else
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import random
 import time
@@ -31,10 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transfer import distributed
+from transfer import distributed, fingerprint
 from transfer.config import OptimParams, RuntimeParams
 from transfer.data import ImageTensors, random_shift, to_float
 from transfer.errors import TransferError
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
 
@@ -361,8 +368,9 @@ def fit(
     start_epoch = 1
     for cb in callbacks:
         cb.on_train_start(model, optimizer)
+    written_by = _checkpoint_origin(cfg, seed)
     if ckpt is not None and ckpt.exists():
-        start_epoch = _resume(ckpt, loop, scheduler, result, callbacks)
+        start_epoch = _resume(ckpt, loop, scheduler, result, callbacks, written_by)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     train_split = _Split(train, device)
@@ -394,7 +402,7 @@ def fit(
                 bar.end_epoch(stats)
                 if ckpt is not None and distributed.is_main():
                     ckpt.parent.mkdir(parents=True, exist_ok=True)
-                    _save_checkpoint(ckpt, _checkpoint_state(epoch, loop, scheduler, result))
+                    _save_checkpoint(ckpt, _checkpoint_state(epoch, loop, scheduler, result, written_by))
                 distributed.barrier()  # no rank resumes from a checkpoint rank 0 is still writing
                 for cb in callbacks:
                     cb.on_epoch_end(stats, model)
@@ -402,6 +410,9 @@ def fit(
         loop.forward = model
         if channels_last:  # saved weights keep the usual layout, whatever trained them
             model.to(memory_format=torch.contiguous_format)
+    if ckpt is not None and distributed.is_main():
+        ckpt.unlink(missing_ok=True)  # finished: nothing is left to resume
+    distributed.barrier()
     result.seconds = time.perf_counter() - started
     return result
 
@@ -436,8 +447,17 @@ def _restore_rng(state: dict[str, Any], loop: _Loop) -> None:
         torch.cuda.set_rng_state(state["cuda"], loop.device)
 
 
-def _checkpoint_state(epoch: int, loop: _Loop, scheduler: Any, result: FitResult) -> dict[str, Any]:
+def _checkpoint_origin(cfg: OptimParams, seed: int) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the code, the optimisation params, the seed."""
+    optim = {name: getattr(cfg, name) for name in OptimParams.model_fields}  # what fit reads, no more
+    return {"code_fingerprint": fingerprint.code_fingerprint(), "cfg": optim, "seed": seed}
+
+
+def _checkpoint_state(
+    epoch: int, loop: _Loop, scheduler: Any, result: FitResult, origin: dict[str, Any]
+) -> dict[str, Any]:
     state = {
+        "origin": origin,
         "epoch": epoch,
         "model": {k: v.contiguous() for k, v in loop.model.state_dict().items()},
         "trainable": list(_trainable(loop.model)),
@@ -451,11 +471,33 @@ def _checkpoint_state(epoch: int, loop: _Loop, scheduler: Any, result: FitResult
     return state
 
 
-def _resume(ckpt: Path, loop: _Loop, scheduler: Any, result: FitResult, callbacks: Sequence[Callback]) -> int:
+def _stale_reason(saved: dict[str, Any] | None, wanted: dict[str, Any]) -> str | None:
+    """Why a checkpoint cannot be resumed by this run (None: it can)."""
+    if saved is None:
+        return "it records no code fingerprint (written by an older version)"
+    if saved.get("code_fingerprint") != wanted["code_fingerprint"]:
+        return f"it was written by other code ({saved.get('code_fingerprint')}, now {wanted['code_fingerprint']})"
+    changed = sorted(k for k in wanted["cfg"] if saved.get("cfg", {}).get(k) != wanted["cfg"][k])
+    if changed:
+        return f"it was written for other params ({', '.join(changed)})"
+    if saved.get("seed") != wanted["seed"]:
+        return f"it was written for seed {saved.get('seed')}, not {wanted['seed']}"
+    return None
+
+
+def _resume(
+    ckpt: Path, loop: _Loop, scheduler: Any, result: FitResult, callbacks: Sequence[Callback],
+    origin: dict[str, Any],
+) -> int:
+    """Load ``ckpt`` into the loop; the epoch to go on from (1: the checkpoint was stale)."""
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as error:  # a torn file from a crash mid-save: start over, say so
         raise TransferError(f"checkpoint {ckpt} is unreadable ({error}); delete it to restart") from None
+    reason = _stale_reason(state.get("origin"), origin)
+    if reason is not None:
+        log.warning("not resuming from %s: %s; training from the start", ckpt, reason)
+        return 1
     model, optimizer = loop.model, loop.optimizer
     model.load_state_dict(state["model"])
     # Gradual unfreezing grows the optimizer: replay the epoch-start hooks up to the

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from transfer import fingerprint
 from transfer.config import OptimParams
 from transfer.data import ImageTensors
 from transfer.errors import TransferError
@@ -97,16 +98,72 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_checkpoint_holds_everything_to_resume(tmp_path: Path) -> None:
-    fit(create_model("tiny_cnn", 3, 1), _toy(), None, _cfg(epochs=2), device=CPU, seed=0, progress=False,
-        checkpoint_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(create_model("tiny_cnn", 3, 1), _toy(), None, _cfg(epochs=3), device=CPU, seed=0, progress=False,
+            checkpoint_dir=tmp_path, callbacks=[CrashAfterEpoch(2)])
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and len(state["history"]) == 2
-    assert {"model", "optimizer", "scheduler", "rng"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "rng", "origin"} <= set(state)
+    assert state["origin"]["code_fingerprint"] == fingerprint.code_fingerprint() and state["origin"]["seed"] == 0
     assert sorted(tmp_path.iterdir()) == [tmp_path / "last.pt"]  # written atomically: no .tmp left
-    # a finished run resumes to "nothing left to do" with its history intact
-    result = fit(create_model("tiny_cnn", 3, 1), _toy(), None, _cfg(epochs=2), device=CPU, seed=0,
-                 progress=False, checkpoint_dir=tmp_path)
-    assert result.resumed_from_epoch == 2 and len(result.history) == 2
+
+
+def test_a_finished_fit_leaves_nothing_to_resume(tmp_path: Path) -> None:
+    """A finished run's checkpoint would "resume" to no training at all and hand back the old
+    weights, whatever changed since: finishing deletes it, so a second fit trains again."""
+    first = fit(create_model("tiny_cnn", 3, 1), _toy(), None, _cfg(epochs=2), device=CPU, seed=0,
+                progress=False, checkpoint_dir=tmp_path)
+    assert len(first.history) == 2 and not (tmp_path / "last.pt").exists()
+    again = fit(create_model("tiny_cnn", 3, 1), _toy(), None, _cfg(epochs=2), device=CPU, seed=0,
+                progress=False, checkpoint_dir=tmp_path)
+    assert again.resumed_from_epoch == 0 and [s.epoch for s in again.history] == [1, 2]
+
+
+def test_a_checkpoint_from_other_code_is_not_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    init = create_model("tiny_cnn", 3, 1).state_dict()
+    crashed = create_model("tiny_cnn", 3, 1)
+    crashed.load_state_dict(init)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(crashed, _toy(), None, _cfg(), device=CPU, seed=3, progress=False, checkpoint_dir=tmp_path,
+            callbacks=[CrashAfterEpoch(2)])
+    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda subpackage=None: "edited-code")
+    rerun = create_model("tiny_cnn", 3, 1)
+    rerun.load_state_dict(init)
+    with caplog.at_level("WARNING", logger="transfer.train"):
+        result = fit(rerun, _toy(), None, _cfg(), device=CPU, seed=3, progress=False, checkpoint_dir=tmp_path)
+    assert result.resumed_from_epoch == 0 and [s.epoch for s in result.history] == [1, 2, 3, 4]
+    assert "written by other code" in caplog.text
+    straight = create_model("tiny_cnn", 3, 1)  # trained from the start: the uninterrupted weights
+    straight.load_state_dict(init)
+    fit(straight, _toy(), None, _cfg(), device=CPU, seed=3, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(_weights(straight), _weights(rerun)))
+
+
+@pytest.mark.parametrize("change", [{"lr": 0.02}, {"epochs": 5}, {"seed": 4}])
+def test_a_checkpoint_for_other_params_is_not_resumed(tmp_path: Path, change: dict) -> None:
+    seed = change.pop("seed", 3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(create_model("tiny_cnn", 3, 1), _toy(), None, _cfg(), device=CPU, seed=3, progress=False,
+            checkpoint_dir=tmp_path, callbacks=[CrashAfterEpoch(2)])
+    cfg = _cfg().model_copy(update=change)
+    result = fit(create_model("tiny_cnn", 3, 1), _toy(), None, cfg, device=CPU, seed=seed, progress=False,
+                 checkpoint_dir=tmp_path)
+    assert result.resumed_from_epoch == 0 and len(result.history) == cfg.epochs
+
+
+def test_a_checkpoint_from_before_fingerprints_is_not_resumed(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(create_model("tiny_cnn", 3, 1), _toy(), None, _cfg(), device=CPU, seed=3, progress=False,
+            checkpoint_dir=tmp_path, callbacks=[CrashAfterEpoch(2)])
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    del state["origin"]  # what an older version wrote
+    torch.save(state, tmp_path / "last.pt")
+    result = fit(create_model("tiny_cnn", 3, 1), _toy(), None, _cfg(), device=CPU, seed=3, progress=False,
+                 checkpoint_dir=tmp_path)
+    assert result.resumed_from_epoch == 0 and len(result.history) == 4
 
 
 def test_cpu_runs_full_precision_and_leaves_contiguous_weights() -> None:
@@ -153,6 +210,9 @@ def test_cuda_training_learns_and_leaves_a_plain_model(tmp_path: Path) -> None:
     assert result.best_val_acc >= 0.9
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
     assert conv.weight.is_cuda and conv.weight.is_contiguous()  # channels_last only while training
+    with pytest.raises(RuntimeError, match="simulated crash"):  # a crashed run keeps its checkpoint
+        fit(create_model("tiny_cnn", 3, 1), _toy(), None, _cfg(epochs=2), device=GPU, seed=0, progress=False,
+            checkpoint_dir=tmp_path, callbacks=[CrashAfterEpoch(1)])
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert "augment" in state["rng"] and "cuda" in state["rng"]
     probs = predict_proba(model, _toy(n=10), GPU)

@@ -1,8 +1,9 @@
 """``load_split``: decode a split once, then serve it from memory or the on-disk cache.
 
-Cache key = (manifest sha256, split, image size, channels). The manifest holds every
-file's sha256, so any change to the data changes the key; stale entries are never read.
-Disk cache: ``<dataset_dir>/../.cache/<dataset>-<split>-<size>px-<c>ch-<sha16>.pt``.
+Cache key = (manifest sha256, split, image size, channels, code of ``transfer/data``). The
+manifest holds every file's sha256, so any change to the data changes the key, and so does
+an edit to the decoder; stale entries are never read.
+Disk cache: ``<dataset_dir>/../.cache/<dataset>-<split>-<size>px-<c>ch-<sha16>-<code16>.pt``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transfer import fingerprint
 from transfer.data.images import decode_image
 from transfer.data.manifest import SPLITS, UNLABELLED, class_names, manifest_sha256, read_manifest
 from transfer.data.tensors import UNLABELLED_INDEX, ImageTensors
@@ -33,7 +35,7 @@ def cache_dir(dataset_dir: str | Path) -> Path:
 
 
 def _cache_file(dataset_dir: Path, sha: str, split: str, size: int, channels: int) -> Path:
-    name = f"{dataset_dir.name}-{split}-{size}px-{channels}ch-{sha[:16]}.pt"
+    name = f"{dataset_dir.name}-{split}-{size}px-{channels}ch-{sha[:16]}-{fingerprint.code_fingerprint('data')}.pt"
     return cache_dir(dataset_dir) / name
 
 

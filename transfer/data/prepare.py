@@ -2,7 +2,8 @@
 
 Each dataset is built in a temporary folder beside its destination and renamed into
 place only when complete (files, splits, manifest), so a crash never leaves half a
-dataset. A dataset whose recipe (kind, params, input listing) is unchanged since the
+dataset. A dataset whose recipe (kind, params, input listing, code of
+``transfer/data``) is unchanged since the
 last build is reused instead of rebuilt.
 """
 
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from transfer import fingerprint
 from transfer.config import DataParams
 from transfer.data.digits import write_sklearn_digits
 from transfer.data.fonts import digit_fonts, write_font_digits
@@ -211,8 +213,10 @@ def _build(
     dest: Path, recipe: dict[str, Any], produce: Producer, sizes: Callable[[int], tuple[Any, Any]],
     *, origin: Path, params: DataParams, strict: bool, empty_classes: Sequence[str] = (),
 ) -> Path:
+    # the code that renders/copies and splits is part of the recipe: an edit rebuilds
     recipe = {**recipe, "seed": params.seed, "skip_bad_images": params.skip_bad_images,
-              "strict": strict, "empty_classes": list(empty_classes)}
+              "strict": strict, "empty_classes": list(empty_classes),
+              "code": fingerprint.code_fingerprint("data")}
     recipe = json.loads(json.dumps(recipe))  # normalise (tuples -> lists) for comparison
     if _is_current(dest, recipe):
         log.info("%s is up to date; reusing it", dest)
