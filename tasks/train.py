@@ -183,7 +183,8 @@ def _train_target(
         kind, strategy, params.finetune.model_dump(mode="json", exclude={"seeds"}), params.pretrain.arch,
         params.data.image_size, params.data.channels, params.runtime.seed,
         data["target"]["version"], source["weights_sha256"] if source else None,
-        {"code_fingerprint": fingerprint.code_fingerprint()},
+        {"code_fingerprint": fingerprint.code_fingerprint(), "label_seed": params.data.seed,
+         "calibration": params.evaluate.model_dump(mode="json", include={"calibrate", "calibration_bins"})},
     ]
     out = Path(params.runtime.artifacts_dir) / kind / content_key(*inputs)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,12 +204,16 @@ def _train_target(
                     "strategy_reason": reason,
                 },
             )
-            if kind == "finetune":
+            trained = _finished(out, kind, strategy)  # same code + inputs: the same model
+            if trained is not None:
+                tracking.set_tags(client, run_id, {"reused": True, "reused_from": trained.model_dir})
+            elif kind == "finetune":
                 trained = stages.finetune(
                     params, source["model_dir"], out, strategy=strategy, progress=False
                 )
             else:
                 trained = stages.train_scratch(params, out, progress=False)
+            _write_history(out, trained)
             _log_trained(client, run_id, trained, f"learning_curves_{kind}.png")
             tracking.log_metrics(client, run_id, {
                 k: trained.info[k] for k in ("val_accuracy", "val_nll", "temperature", "val_ece", "val_ece_uncalibrated")
@@ -236,6 +241,22 @@ def _train_target(
         "seed": params.runtime.seed,
         **{k: trained.info.get(k) for k in ("val_accuracy", "val_nll", "temperature")},
     }
+
+
+def _finished(out: Path, kind: str, strategy: str) -> stages.TrainedModel | None:
+    """A model a finished run left in this keyed dir (the key covers code, params and data)."""
+    model_json, history = out / "model" / "model.json", out / "history.json"
+    if not (model_json.is_file() and history.is_file()):
+        return None
+    meta = json.loads(model_json.read_text())
+    return stages.TrainedModel(str(model_json.parent), kind, strategy, json.loads(history.read_text()), 0.0,
+                               {"reason": meta.get("strategy_reason"), **(meta.get("selection") or {})})
+
+
+def _write_history(out: Path, trained: stages.TrainedModel) -> None:
+    tmp = out / "history.json.tmp"
+    tmp.write_text(json.dumps(trained.history, default=str))
+    tmp.replace(out / "history.json")  # last: its presence marks the dir finished
 
 
 def finetune_target(

@@ -48,11 +48,16 @@ def test_same_code_reuses_and_an_edit_retrains_every_stage(setup, monkeypatch: p
     tuned, scratch = finetune_target(params, data, source, None), train_baseline(params, data, None)
     tuned_dir, scratch_dir = Path(tuned["model_dir"]).parent, Path(scratch["model_dir"]).parent
     inputs = json.loads((tuned_dir / "inputs.json").read_text())
-    assert {"code_fingerprint": fingerprint.code_fingerprint()} in inputs  # explains the dir
+    assert inputs[-1]["code_fingerprint"] == fingerprint.code_fingerprint()  # explains the dir
     # finished: no checkpoint that a later run could "resume" into handing back these weights
     for out in (Path(source["model_dir"]).parent, tuned_dir, scratch_dir):
         assert not list(out.rglob("last.pt"))
-    assert Path(finetune_target(params, data, source, None)["model_dir"]).parent == tuned_dir
+    again_tuned = finetune_target(params, data, source, None)  # same code + inputs: reused, not retrained
+    assert Path(again_tuned["model_dir"]).parent == tuned_dir
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient().get_run(again_tuned["run_id"]).data.tags["reused"] == "True"
+    assert again_tuned["val_accuracy"] == tuned["val_accuracy"] and again_tuned["temperature"] == tuned["temperature"]
 
     _edit_the_code(monkeypatch)
     assert cache_key() is None  # no Prefect cache hit for the old model
