@@ -106,7 +106,8 @@ def sweep(params: Params, ks: list[int], seeds: list[int], names: list[str], wor
             "n_val": len(splits["val"]), "n_test": len(splits["test"])}
 
 
-def analyse(runs: dict[str, dict[int, list[dict[str, Any]]]], ks: list[int], names: list[str]) -> dict[str, Any]:
+def analyse(runs: dict[str, dict[int, list[dict[str, Any]]]], ks: list[int], names: list[str],
+            *, floor: float = 0.0, n_val: int | None = None) -> dict[str, Any]:
     """Every figure of the table; choices from val, final figures from test."""
     val = {n: {k: [r["val"] for r in runs[n][k]] for k in ks} for n in runs}
     test = {n: {k: [r["test"] for r in runs[n][k]] for k in ks} for n in runs}
@@ -136,7 +137,7 @@ def analyse(runs: dict[str, dict[int, list[dict[str, Any]]]], ks: list[int], nam
             | {"beats": seed_gain(test[best[k]][k], test[f][k]).better(ALPHA)} for f in FLOORS}
         for k in ks
     }
-    default = recommend_default_k({n: val[n] for n in [SCRATCH, *strategies]}, ks)
+    default = recommend_default_k({n: val[n] for n in [SCRATCH, *strategies]}, ks, floor=floor, n_val=n_val)
     k_star, s_star = default["k"], default["strategy"]
     scratch_mean = means({SCRATCH: test[SCRATCH]})[SCRATCH]
     saved = labels_saved(scratch_mean, cells[s_star][k_star]["test"]["mean"], k_star) if k_star else None
@@ -235,7 +236,11 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, k=1,5, 4 fine-tune / 1 pretrain epochs")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--reanalyse", type=Path, default=None,
+                        help="re-table a saved results JSON (no training): e.g. after changing the analysis")
     args = parser.parse_args()
+    if args.reanalyse:
+        return reanalyse(args.reanalyse, load_params(args.params, args.overrides))
     overrides = (["finetune.epochs=4", "pretrain.epochs=1"] if args.quick else []) + args.overrides
     params = load_params(args.params, overrides)
     ks = [int(k) for k in (args.ks or ("1,5" if args.quick else "1,5,10,20")).split(",")]
@@ -245,7 +250,7 @@ def main() -> None:
     stages.prepare(params, strict=True, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         result = sweep(params, ks, seeds, names, Path(tmp))
-    analysis = analyse(result["runs"], ks, names)
+    analysis = analyse(result["runs"], ks, names, floor=params.promote.accuracy_floor, n_val=result["n_val"])
     total = time.perf_counter() - started
     meta = {k: result[k] for k in ("source_test_accuracy", "n_val", "n_test")}
     table = (f"{'--quick smoke run. ' if args.quick else ''}Machine: {platform.machine()}, "
@@ -260,6 +265,22 @@ def main() -> None:
         {"ks": ks, "seeds": seeds, "strategies": names, "seconds": total, "quick": args.quick,
          "finetune_epochs": params.finetune.epochs, "pretrain_epochs": params.pretrain.epochs,
          **meta, "analysis": analysis, "runs": result["runs"]}), indent=2))
+
+
+def reanalyse(path: Path, params: Any) -> None:
+    """The tables of a saved run again, from its per-run figures (the same analysis code)."""
+    saved = json.loads(path.read_text())
+    ks, names = saved["ks"], saved["strategies"]
+    runs = {n: {int(k): [{**r, "test_correct": np.frombuffer(r["test_correct"].encode(), np.uint8) == ord("1")} for r in rs]
+                for k, rs in by_k.items()} for n, by_k in saved["runs"].items()}
+    saved["analysis"] = analyse(runs, ks, names, floor=params.promote.accuracy_floor, n_val=saved["n_val"])
+    meta = {k: saved[k] for k in ("source_test_accuracy", "n_val", "n_test")}
+    table = (f"Machine: as recorded; finetune.epochs={saved['finetune_epochs']}, "
+             f"pretrain.epochs={saved['pretrain_epochs']}; total wall time {saved['seconds']:.0f} s "
+             f"(re-tabled from {path.name}).\n\n" + markdown(saved["analysis"], ks, names, saved["seeds"], meta))
+    print(table)
+    path.with_suffix(".md").write_text(table + "\n")
+    path.write_text(json.dumps(_jsonable(saved), indent=2))
 
 
 if __name__ == "__main__":

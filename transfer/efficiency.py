@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-from transfer.stats import format_p, over_seeds
+from transfer.stats import wilson_interval, format_p, over_seeds
 
 ALPHA = 0.05
 SCRATCH = "scratch"
@@ -117,21 +117,33 @@ def gain_stops_significant(gains: Mapping[int, SeedGain], alpha: float = ALPHA) 
     return {"k": stop, "alpha": alpha, "text": text}
 
 
-def recommend_default_k(val: Grid, ks: Sequence[int], scratch: str = SCRATCH) -> dict[str, Any]:
-    """From VALIDATION only: the k where the val-best strategy gains most over scratch on val."""
+def recommend_default_k(
+    val: Grid, ks: Sequence[int], scratch: str = SCRATCH, *, floor: float = 0.0, n_val: int | None = None,
+) -> dict[str, Any]:
+    """From VALIDATION only: the k where the val-best strategy gains most over scratch on val,
+    among the budgets where that strategy clears the promotion ``floor`` with confidence (the
+    Wilson 95% lower bound of its mean val accuracy over ``n_val`` images >= floor): a
+    default the pipeline would have to reject on its own floor is no default."""
     rows = []
     for k in sorted(ks):
         best = best_by_val(val, k, exclude=(scratch,))
         if best is None or k not in (val.get(scratch) or {}):
             continue
         gain = seed_gain(val[best][k], val[scratch][k])
-        rows.append({"k": k, "strategy": best, "val_mean": float(np.mean(val[best][k])),
-                     "val_scratch_mean": float(np.mean(val[scratch][k])), "val_gain": gain.to_json()})
-    if not rows:
-        return {"k": None, "strategy": None, "reason": "no validation figures", "candidates": []}
-    top = max(rows, key=lambda r: r["val_gain"]["mean"])
-    reason = (f"largest VALIDATION gain over scratch of the val-ranked best strategy: {top['strategy']} "
-              f"at k={top['k']}, val {top['val_mean']:.3f} vs scratch {top['val_scratch_mean']:.3f} "
-              f"({top['val_gain']['mean']:+.3f}); other k: "
-              + ", ".join(f"k={r['k']} {r['strategy']} {r['val_gain']['mean']:+.3f}" for r in rows if r is not top))
+        mean = float(np.mean(val[best][k]))
+        low = wilson_interval(round(mean * n_val), n_val)[0] if n_val else mean
+        rows.append({"k": k, "strategy": best, "val_mean": mean, "val_low": low,
+                     "val_scratch_mean": float(np.mean(val[scratch][k])), "val_gain": gain.to_json(),
+                     "clears_floor": low >= floor})
+    eligible = [r for r in rows if r["clears_floor"]]
+    if not eligible:
+        return {"k": None, "strategy": None, "reason": "no budget clears the floor on validation", "candidates": rows}
+    top = max(eligible, key=lambda r: r["val_gain"]["mean"])
+    others = ", ".join(
+        f"k={r['k']} {r['strategy']} {r['val_gain']['mean']:+.3f}"
+        + ("" if r["clears_floor"] else f" (val {r['val_mean']:.3f}, 95% lower bound {r['val_low']:.3f} < floor {floor})")
+        for r in rows if r is not top)
+    reason = (f"largest VALIDATION gain over scratch of the val-ranked best strategy among the budgets that "
+              f"clear the floor {floor} on val: {top['strategy']} at k={top['k']}, val {top['val_mean']:.3f} vs "
+              f"scratch {top['val_scratch_mean']:.3f} ({top['val_gain']['mean']:+.3f}); other k: {others}")
     return {"k": top["k"], "strategy": top["strategy"], "reason": reason, "candidates": rows}
