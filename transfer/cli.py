@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from transfer.config import Params, load_params
@@ -36,7 +37,22 @@ SetOpt = Annotated[
 
 
 def _params(path: Path, overrides: list[str] | None) -> Params:
+    if not path.exists():
+        _no_params_file(path)
     return load_params(path, overrides or [])
+
+
+def _no_params_file(path: Path) -> None:
+    """A missing default params.yaml means "not in a project": say what is used and where
+    state goes; a missing file the user named is an error."""
+    if path != Path("params.yaml"):
+        raise TransferError(f"params file {path} not found")
+    _note(f"no params.yaml in {Path.cwd()}: using the built-in defaults (transfer --help); "
+          "data/, artifacts/ and mlruns/ are written here")
+
+
+def _note(text: str) -> None:
+    err_console.print(f"[yellow]note:[/yellow] {escape(text)}", soft_wrap=True)
 
 
 def _write_json(path: str | Path, data: Any) -> None:
@@ -57,7 +73,7 @@ def data_prepare(
     params = _params(params_file, overrides)
     result = stages.prepare(params, strict=not (params.data.skip_bad_images or record_bad), progress=True)
     for name, info in result.items():
-        console.print(f"[green]{name}[/green]: {info['dir']} (version {info['version'][:12]})")
+        console.print(f"[green]{name}[/green]: {escape(info['dir'])} (version {info['version'][:12]})")
 
 
 @app.command()
@@ -68,10 +84,32 @@ def validate(
     """Run the great-expectations suites on the prepared datasets (no training)."""
     from tasks.validate import validate_stage
 
-    report = validate_stage(_params(params_file, overrides), report_dir)  # raises on failure
+    params = _params(params_file, overrides)
+    _prepare_if_stale(params)
+    report = validate_stage(params, report_dir)  # raises on failure
     for warning in report.warnings():
-        console.print(f"[yellow]warning:[/yellow] {warning.headline()}: {warning.details}", markup=False)
-    console.print(f"[green]{report.summary()}[/green] (report in {report_dir}/validation_report.md)")
+        console.print(f"[yellow]warning:[/yellow] {escape(f'{warning.headline()}: {warning.details}')}",
+                      soft_wrap=True)
+    console.print(f"[green]{escape(report.summary())}[/green] "
+                  f"(report in {escape(str(report_dir))}/validation_report.md)", soft_wrap=True)
+
+
+def _prepare_if_stale(params: Params) -> None:
+    """Validate the data the params name, never what an earlier run left in data/.
+
+    Stale data is prepared here (as dvc.yaml and the flow do: unreadable files recorded,
+    for the report) rather than refused: DVC can restore the outputs of `prepare` from its
+    run cache without running it, which leaves a recipe stamp that no longer matches."""
+    from transfer.data import prepare_source, prepare_target
+    from transfer.data.prepare import stale_datasets
+
+    minimum = params.validate_.min_per_class
+    stale = stale_datasets(params.data, min_per_split=minimum)
+    if stale:
+        _note(f"{', '.join(map(str, stale.values()))} not prepared from these params: preparing first")
+    for name in stale:
+        prepare = prepare_source if name == "source" else prepare_target
+        prepare(params.data, strict=False, progress=True, min_per_split=minimum)
 
 
 @app.command()
@@ -89,7 +127,7 @@ def pretrain(
     if not distributed.is_main():
         return  # under torchrun, rank 0 reports
     _write_json(metrics, {**trained.info, "seconds": trained.seconds})
-    console.print(f"source model: {trained.model_dir} (source test accuracy {trained.info['source_test_accuracy']:.4f})")
+    console.print(f"source model: {escape(str(trained.model_dir))} (source test accuracy {trained.info['source_test_accuracy']:.4f})")
 
 
 @app.command()
@@ -105,7 +143,7 @@ def finetune(
     params = _params(params_file, overrides)
     trained = stages.finetune(params, source, out, strategy=strategy)
     _write_json(out / "history.json", trained.history)
-    console.print(f"fine-tuned ({trained.strategy}: {trained.info['reason']}) -> {trained.model_dir}")
+    console.print(escape(f"fine-tuned ({trained.strategy}: {trained.info['reason']}) -> {trained.model_dir}"))
 
 
 @app.command()
@@ -118,7 +156,7 @@ def baseline(
 
     trained = stages.train_scratch(_params(params_file, overrides), out)
     _write_json(out / "history.json", trained.history)
-    console.print(f"scratch baseline -> {trained.model_dir}")
+    console.print(f"scratch baseline -> {escape(str(trained.model_dir))}")
 
 
 @app.command()
@@ -161,7 +199,7 @@ def rollback(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = N
     from tasks.promote import rollback as do_rollback
 
     result = do_rollback(_params(params_file, overrides))
-    console.print(f"{result['model_name']}: champion -> v{result['champion']}, previous -> v{result['previous']}")
+    console.print(escape(f"{result['model_name']}: champion -> v{result['champion']}, previous -> v{result['previous']}"))
 
 
 @app.command()
@@ -175,7 +213,7 @@ def runs(
     rows = recent_runs(_params(params_file, overrides), limit)
     table = Table("started", "run id", "status", "strategy", "transfer acc", "scratch acc", "promoted", "version")
     for row in rows:
-        table.add_row(*[str(row.get(k, "")) for k in
+        table.add_row(*[escape(str(row.get(k, ""))) for k in
                         ("start", "run_id", "status", "strategy", "test_accuracy", "scratch_test_accuracy",
                          "promoted", "model_version")])
     console.print(table)
@@ -210,7 +248,7 @@ def predict(
     rows = predict_files(images, model_uri(params, alias), tracking_uri(params))
     table = Table("image", "label", "probability")
     for row in rows:
-        table.add_row(str(row["path"]), str(row["label"]), f"{row['probability']:.3f}")
+        table.add_row(escape(str(row["path"])), escape(str(row["label"])), f"{row['probability']:.3f}")
     console.print(table)
 
 
@@ -225,7 +263,7 @@ def schedule(
 
     params = _params(params_file, overrides)
     expression = validate_cron(cron or params.schedule.cron)
-    console.print(f"serving the retrain flow on '{expression}' (Ctrl-C to stop)")
+    console.print(f"serving the retrain flow on '{escape(expression)}' (Ctrl-C to stop)")
     serve_schedule(params_file, overrides or [], expression)
 
 
@@ -245,7 +283,7 @@ def report(
     paths = report_for_run(params, run_id, out, [int(k) for k in ks.split(",")],
                            [s for s in strategies.split(",") if s], epochs)
     for name, path in paths.items():
-        console.print(f"{name}: {path}")
+        console.print(escape(f"{name}: {path}"))
 
 
 def _print_mapping(title: str, data: dict[str, Any]) -> None:
@@ -253,7 +291,7 @@ def _print_mapping(title: str, data: dict[str, Any]) -> None:
     for key, value in data.items():
         if isinstance(value, float):
             value = f"{value:.4f}"
-        table.add_row(key, str(value))
+        table.add_row(escape(str(key)), escape(str(value)))
     console.print(table)
 
 
@@ -277,8 +315,13 @@ def main() -> None:
     try:
         app()
     except TransferError as error:
-        err_console.print(f"[bold red]error:[/bold red] {error}")
+        err_console.print(f"[bold red]error:[/bold red] {escape(one_line(error))}", soft_wrap=True)
         sys.exit(2)
+
+
+def one_line(error: BaseException) -> str:
+    """The message on one line: a user error is one line of the console, whatever its text."""
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def handle_bad_files(
 # ---------------------------------------------------------------- splits
 def split_rows(
     rows: list[ManifestRow], *, test_size: int | float, val_size: int | float, seed: int,
-    origin: Path,
+    origin: Path, min_per_split: int = 1,
 ) -> list[ManifestRow]:
     """Stratified splits over the readable labelled rows.
 
@@ -124,6 +124,7 @@ def split_rows(
     splits = assign_splits(
         [r.path for r in labelled], [r.label for r in labelled],
         test_size=test_size, val_size=val_size, seed=seed, groups=[r.sha256 for r in labelled],
+        min_per_split=min_per_split,
     )
     check_splits([r.label for r in labelled], splits, str(origin))
     out = [r.with_split(s) for r, s in zip(labelled, splits, strict=True)]
@@ -135,6 +136,11 @@ def _target_sizes(test_size: int | float, val_fraction: float, n: int) -> tuple[
     """Target: test is a count (or fraction); val is a fraction of what test leaves."""
     if isinstance(test_size, float) and test_size < 1:
         return test_size, (1 - test_size) * val_fraction
+    if int(test_size) >= n:  # else val would be a negative count
+        raise DataError(
+            f"data.target.test_size={int(test_size)} test images but the target has {n} "
+            "labelled images: set data.target.test_size to a fraction, e.g. 0.2 "
+            "(or null: the kind's default)")
     return int(test_size), int(round((n - int(test_size)) * val_fraction))
 
 
@@ -153,10 +159,11 @@ def _stamp_path(dest: Path) -> Path:
     return dest.parent / ".cache" / f"prepared-{dest.name}.json"
 
 
-def _is_current(dest: Path, recipe: dict[str, Any]) -> bool:
+def _is_current(dest: Path, recipe: dict[str, Any], ignore: tuple[str, ...] = ()) -> bool:
     try:
         stamp = json.loads(_stamp_path(dest).read_text())
-        if stamp["recipe"] != recipe or stamp["manifest_sha256"] != manifest_sha256(dest):
+        recorded = {k: v for k, v in stamp["recipe"].items() if k not in ignore}
+        if recorded != {k: v for k, v in recipe.items() if k not in ignore} or stamp["manifest_sha256"] != manifest_sha256(dest):
             return False
         return all((dest / r.path).is_file() for r in read_manifest(dest))
     except (OSError, ValueError, KeyError, DataError):
@@ -175,21 +182,20 @@ Producer = Callable[[Path], list[ManifestRow]]
 
 
 def _build(
-    dest: Path, recipe: dict[str, Any], produce: Producer, sizes: Callable[[int], tuple[Any, Any]],
-    *, origin: Path, params: DataParams, strict: bool,
+    dest: Path, recipe: dict[str, Any], produce: Callable[[], Producer], sizes: Callable[[int], tuple[Any, Any]],
+    *, origin: Path, params: DataParams, strict: bool, min_per_split: int = 1,
 ) -> Path:
-    recipe = {**recipe, "seed": params.seed, "skip_bad_images": params.skip_bad_images,
-              "strict": strict}
+    recipe = {**_common_recipe(recipe, params, min_per_split), "strict": strict}
     recipe = json.loads(json.dumps(recipe))  # normalise (tuples -> lists) for comparison
     if _is_current(dest, recipe):
         log.info("%s is up to date; reusing it", dest)
         return dest
     with atomic_dir(dest) as tmp:
-        rows = produce(tmp)
+        rows = produce()(tmp)
         rows = handle_bad_files(rows, tmp, origin, skip=params.skip_bad_images, strict=strict)
         test_size, val_size = sizes(sum(1 for r in rows if r.label and r.readable))
         rows = split_rows(rows, test_size=test_size, val_size=val_size, seed=params.seed,
-                          origin=origin)
+                          origin=origin, min_per_split=min_per_split)
         write_manifest(rows, tmp)
     _write_stamp(dest, recipe)  # after the rename: a stamp never describes a torn build
     return dest
@@ -204,7 +210,17 @@ def _source_sizes(test_fraction: float, val_fraction: float, n: int) -> tuple[fl
     return test_fraction, val_fraction
 
 
-def prepare_source(params: DataParams, *, strict: bool = True, progress: bool = True) -> Path:
+def _common_recipe(recipe: dict[str, Any], params: DataParams, min_per_split: int) -> dict[str, Any]:
+    return {**recipe, "seed": params.seed, "skip_bad_images": params.skip_bad_images,
+            "min_per_split": min_per_split}
+
+
+# A dataset's spec: what it is built from (recipe), by what (producer, made lazily so that
+# checking a recipe copies nothing), with which split sizes, and its name in messages.
+Spec = tuple[Path, dict[str, Any], Callable[[], Producer], Callable[[int], tuple[Any, Any]], Path]
+
+
+def _source_spec(params: DataParams, progress: bool) -> Spec:
     spec, dest = params.source, Path(params.root) / "source"
     sizes = functools.partial(_source_sizes, spec.test_fraction, spec.val_fraction)
     recipe: dict[str, Any] = {"kind": spec.kind, "val": spec.val_fraction,
@@ -213,39 +229,72 @@ def prepare_source(params: DataParams, *, strict: bool = True, progress: bool = 
         fonts = [Path(f).name for f in digit_fonts()]  # another matplotlib may ship others
         recipe |= {"n": spec.n, "image_size": params.image_size, "version": RECIPE_VERSION,
                    "fonts": fonts}
-        produce: Producer = functools.partial(
-            write_font_digits, n=spec.n, image_size=params.image_size, seed=params.seed,
-            progress=progress,
+        produce = functools.partial(
+            functools.partial, write_font_digits, n=spec.n, image_size=params.image_size,
+            seed=params.seed, progress=progress,
         )
         origin = Path("data.source (fonts)")
     else:
         origin = Path(spec.path or "")
-        produce = _imagefolder_producer(origin, progress)
+        produce = functools.partial(_imagefolder_producer, origin, progress)
         recipe |= {"path": spec.path, "listing": _listing_digest(origin)}
-    return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict)
+    return dest, recipe, produce, sizes, origin
 
 
-def prepare_target(params: DataParams, *, strict: bool = True, progress: bool = True) -> Path:
+def _target_spec(params: DataParams, progress: bool) -> Spec:
     spec, dest = params.target, Path(params.root) / "target"
-    sizes = functools.partial(_target_sizes, spec.test_size, spec.val_fraction)
-    recipe: dict[str, Any] = {"kind": spec.kind, "val": spec.val_fraction, "test": spec.test_size}
+    test_size = spec.resolved_test_size()
+    sizes = functools.partial(_target_sizes, test_size, spec.val_fraction)
+    recipe: dict[str, Any] = {"kind": spec.kind, "val": spec.val_fraction, "test": test_size}
     if spec.kind == "sklearn_digits":
         recipe |= {"image_size": params.image_size, "version": RECIPE_VERSION}
-        produce: Producer = functools.partial(
-            write_sklearn_digits, image_size=params.image_size, progress=progress)
+        produce = functools.partial(
+            functools.partial, write_sklearn_digits, image_size=params.image_size,
+            progress=progress)
         origin = Path("data.target (sklearn_digits)")
     else:
         origin = Path(spec.path or "")
-        produce = _imagefolder_producer(origin, progress)
+        produce = functools.partial(_imagefolder_producer, origin, progress)
         recipe |= {"path": spec.path, "listing": _listing_digest(origin)}
-    return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict)
+    return dest, recipe, produce, sizes, origin
+
+
+def _prepare(spec: Spec, params: DataParams, strict: bool, min_per_split: int) -> Path:
+    dest, recipe, produce, sizes, origin = spec
+    return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict,
+                  min_per_split=min_per_split)
+
+
+def prepare_source(params: DataParams, *, strict: bool = True, progress: bool = True,
+                   min_per_split: int = 1) -> Path:
+    return _prepare(_source_spec(params, progress), params, strict, min_per_split)
+
+
+def prepare_target(params: DataParams, *, strict: bool = True, progress: bool = True,
+                   min_per_split: int = 1) -> Path:
+    return _prepare(_target_spec(params, progress), params, strict, min_per_split)
 
 
 def prepare_datasets(
-    params: DataParams, *, strict: bool = True, progress: bool = True
+    params: DataParams, *, strict: bool = True, progress: bool = True, min_per_split: int = 1
 ) -> dict[str, Path]:
-    """Materialise both datasets (ImageFolder tree + manifest.csv); return their folders."""
+    """Materialise both datasets (ImageFolder tree + manifest.csv); return their folders.
+
+    ``min_per_split``: the fewest images per class in val and test (validation's minimum).
+    """
     return {
-        "source": prepare_source(params, strict=strict, progress=progress),
-        "target": prepare_target(params, strict=strict, progress=progress),
+        "source": prepare_source(params, strict=strict, progress=progress, min_per_split=min_per_split),
+        "target": prepare_target(params, strict=strict, progress=progress, min_per_split=min_per_split),
     }
+
+
+def stale_datasets(params: DataParams, *, min_per_split: int = 1) -> dict[str, Path]:
+    """The datasets ("source", "target") under ``data.root`` that these params would not
+    build as they are (prepared for other params, files changed since, never prepared)."""
+    stale = {}
+    for name, make in (("source", _source_spec), ("target", _target_spec)):
+        dest, recipe, _, _, _ = make(params, False)
+        recipe = json.loads(json.dumps(_common_recipe(recipe, params, min_per_split)))
+        if not _is_current(dest, recipe, ignore=("strict",)):  # strict: how, not what
+            stale[name] = dest
+    return stale
