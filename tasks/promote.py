@@ -43,7 +43,7 @@ def _lock(params: Params) -> FileLock:
     from any directory). Against a tracking server it only covers runs on this machine."""
     folder = tracking.store_dir(tracking.tracking_uri(params))
     folder.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(folder / f".promote-{params.promote.model_name}.lock"), timeout=600)
+    return FileLock(str(folder / f".promote-{params.model_name()}.lock"), timeout=600)
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
@@ -68,7 +68,7 @@ def champion_accuracy(
     params: Params, client: MlflowClient, champion: Any, out_dir: Path
 ) -> tuple[float | None, str]:
     """Re-score the champion on today's test set so the comparison is like for like."""
-    model_dir = download_model_dir(f"models:/{params.promote.model_name}/{champion.version}")
+    model_dir = download_model_dir(f"models:/{params.model_name()}/{champion.version}")
     try:
         report = stages.evaluate(params, model_dir, out_dir, name=f"champion_v{champion.version}")
     except TransferError as error:  # different class set: cannot compare on this test set
@@ -128,12 +128,12 @@ def _register(params: Params, tuned: dict[str, Any], tags: dict[str, Any]) -> An
     from tasks.pyfunc_model import log_pyfunc_model
 
     info = log_pyfunc_model(
-        tuned["model_dir"], name="model", registered_model_name=params.promote.model_name,
+        tuned["model_dir"], name="model", registered_model_name=params.model_name(),
         run_id=tuned["run_id"], max_batch=params.serve.max_batch, max_image_bytes=params.serve.max_image_bytes,
     )
     client = MlflowClient()
     version = client.get_model_version(
-        params.promote.model_name, str(info.registered_model_version)
+        params.model_name(), str(info.registered_model_version)
     )
     for key, value in tracking.flatten("", tags).items():
         if value is not None:
@@ -151,7 +151,7 @@ def promote_model(
     parent_run_id: str,
 ) -> dict[str, Any]:
     client = tracking.configure(params)
-    name = params.promote.model_name
+    name = params.model_name()
     accuracy = evaluation["transfer"]["accuracy"]
     scratch_acc = evaluation.get("scratch", {}).get("accuracy")
     tags = {
@@ -204,7 +204,7 @@ def promote_model(
 def rollback(params: Params) -> dict[str, Any]:
     """Swap ``champion`` and ``previous`` (the last promotion undone, or redone)."""
     client = tracking.configure(params)
-    name = params.promote.model_name
+    name = params.model_name()
     with _lock(params):
         champion, previous = (
             alias_version(client, name, CHAMPION),

@@ -34,7 +34,7 @@ ENV_PORT = "TRANSFER_SERVE_PORT"
 
 def model_uri(params: Params, alias: str | None = None) -> str:
     """``models:/<promote.model_name>@<alias or serve.alias>``."""
-    return f"models:/{params.promote.model_name}@{alias or params.serve.alias}"
+    return f"models:/{params.model_name()}@{alias or params.serve.alias}"
 
 
 def serve_command(
@@ -191,7 +191,7 @@ def serve(
 
     uri = tracking_uri or default_tracking_uri(params)
     alias = alias or params.serve.alias
-    version = check_alias(uri, params.promote.model_name, alias)
+    version = check_alias(uri, params.model_name(), alias)
     target = model_uri(params, alias)
     host = host or os.environ.get(ENV_HOST) or params.serve.host
     port = port or int(os.environ.get(ENV_PORT) or params.serve.port)
