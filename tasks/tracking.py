@@ -19,8 +19,10 @@ import mlflow
 from filelock import FileLock
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import SQLAlchemyError
 
 from transfer.config import Params
+from transfer.errors import TransferError
 
 MLRUNS = "mlruns"
 
@@ -51,12 +53,51 @@ def artifact_root(sqlite_uri: str) -> str:
 
 
 def configure(params: Params) -> MlflowClient:
-    """Point MLflow at the store (explicit, never at import time) and ensure the experiment."""
-    uri = tracking_uri(params)
+    """Point MLflow at the store (explicit, never at import time) and ensure the experiment.
+
+    A store that cannot be opened (unwritable path, server down) is a ``TransferError``
+    naming the URI: one line, not MLflow's traceback after minutes of HTTP retries."""
+    uri = _store_uri(params)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if (uri, params.runtime.experiment) in _ready:  # every task calls this: set up once
         return MlflowClient(uri, uri)
+    try:
+        _check_reachable(uri)
+        client = _open_store(uri, params)
+    except (OSError, mlflow.exceptions.MlflowException, SQLAlchemyError) as error:
+        raise _store_error(uri, error) from error
+    _ready.add((uri, params.runtime.experiment))
+    return client
+
+
+def _store_uri(params: Params) -> str:
+    try:
+        return tracking_uri(params)
+    except OSError as error:  # mlruns/ cannot be created here
+        raise _store_error(f"sqlite under {Path(MLRUNS).resolve()}", error) from error
+
+
+def _store_error(uri: str, error: BaseException) -> TransferError:
+    reason = " ".join(str(error).split())[:300]
+    return TransferError(
+        f"MLflow tracking store {uri} cannot be opened ({type(error).__name__}: {reason}); "
+        "set MLFLOW_TRACKING_URI (or runtime.tracking_uri) to a writable sqlite:///path "
+        "or a reachable tracking server")
+
+
+def _check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """One quick request: MLflow's client retries a dead server for minutes."""
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri, timeout=timeout)  # any HTTP answer (even 401/404) will do
+        except requests.RequestException as error:
+            raise OSError(f"no answer from the server: {type(error).__name__}") from error
+
+
+def _open_store(uri: str, params: Params) -> MlflowClient:
     with _store_init_lock(uri):
         client = MlflowClient(uri, uri)
         client.search_registered_models(max_results=1)  # opens (and creates) the registry tables too
@@ -66,7 +107,6 @@ def configure(params: Params) -> MlflowClient:
                 client.create_experiment(params.runtime.experiment, artifact_location=location)
             except mlflow.exceptions.MlflowException:
                 pass  # another run created it meanwhile (a tracking server has no local lock)
-    _ready.add((uri, params.runtime.experiment))
     return client
 
 

@@ -188,6 +188,9 @@ def run(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) 
     """Run the whole Prefect flow: data -> validate -> pretrain -> fine-tune -> evaluate -> promote."""
     params = _params(params_file, overrides)  # bad keys fail here, before anything starts
     from flows.pipeline import transfer_pipeline
+    from tasks.common import quiet_user_errors_on_console
+
+    quiet_user_errors_on_console()
 
     summary = transfer_pipeline(params=params)
     _print_mapping("transfer run", summary)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import random
 import time
@@ -35,6 +36,8 @@ from transfer import distributed
 from transfer.config import OptimParams, RuntimeParams
 from transfer.data import ImageTensors, random_shift, to_float
 from transfer.errors import TransferError
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
 
@@ -363,6 +366,9 @@ def fit(
         cb.on_train_start(model, optimizer)
     if ckpt is not None and ckpt.exists():
         start_epoch = _resume(ckpt, loop, scheduler, result, callbacks)
+        # a warning: the previous attempt stopped there, and a resume must never be silent
+        log.warning("%s: resuming from epoch %d of %d (checkpoint %s)", desc,
+                    result.resumed_from_epoch, cfg.epochs, ckpt)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     train_split = _Split(train, device)
