@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -135,11 +136,66 @@ def start_run(
     parent_id: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> str:
-    all_tags = dict(tags or {})
+    all_tags = {**dict(tags or {}), **_owner_tags()}
     if parent_id:
         all_tags["mlflow.parentRunId"] = parent_id
     run = client.create_run(experiment_id(client, params), run_name=name, tags=all_tags)
     return run.info.run_id
+
+
+# ---------------------------------------------------------------- runs left RUNNING
+OWNER_PID, OWNER_HOST, END_REASON = "transfer.pid", "transfer.host", "transfer.end_reason"
+
+
+def _owner_tags() -> dict[str, str]:
+    """Which process owns a run: a run it leaves RUNNING can be told from a live one."""
+    return {OWNER_PID: str(os.getpid()), OWNER_HOST: socket.gethostname()}
+
+
+def _running_runs(client: MlflowClient, params: Params) -> list[Any]:
+    experiment = client.get_experiment_by_name(params.runtime.experiment)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                              max_results=1000)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def end_own_runs(client: MlflowClient, params: Params, reason: str) -> int:
+    """Mark KILLED every run this process still has RUNNING (after SIGTERM / Ctrl-C)."""
+    mine = _owner_tags()
+    runs = [r for r in _running_runs(client, params)
+            if all(r.data.tags.get(k) == v for k, v in mine.items())]
+    for run in runs:
+        _terminate(client, run.info.run_id, RunStatus.KILLED, reason)
+    return len(runs)
+
+
+def fail_orphaned_runs(client: MlflowClient, params: Params) -> int:
+    """Mark FAILED the runs left RUNNING by a process of this host that is gone (kill -9,
+    power loss): otherwise they read as running forever."""
+    host, orphans = socket.gethostname(), 0
+    for run in _running_runs(client, params):
+        pid = run.data.tags.get(OWNER_PID, "")
+        if run.data.tags.get(OWNER_HOST) == host and pid.isdigit() and not _alive(int(pid)):
+            _terminate(client, run.info.run_id, RunStatus.FAILED,
+                       f"process {pid} on {host} ended without closing this run (killed?)")
+            orphans += 1
+    return orphans
+
+
+def _terminate(client: MlflowClient, run_id: str, status: int, reason: str) -> None:
+    client.set_tag(run_id, END_REASON, reason)
+    client.set_terminated(run_id, status=RunStatus.to_string(status))
 
 
 def end_run(client: MlflowClient, run_id: str, ok: bool = True) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -188,12 +189,24 @@ def run(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) 
     """Run the whole Prefect flow: data -> validate -> pretrain -> fine-tune -> evaluate -> promote."""
     params = _params(params_file, overrides)  # bad keys fail here, before anything starts
     from flows.pipeline import transfer_pipeline
+    from tasks import tracking
     from tasks.common import quiet_user_errors_on_console
 
     quiet_user_errors_on_console()
-
-    summary = transfer_pipeline(params=params)
+    tracking.fail_orphaned_runs(tracking.configure(params), params)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: unwind, close the runs
+    try:
+        summary = transfer_pipeline(params=params)
+    except KeyboardInterrupt:
+        closed = tracking.end_own_runs(tracking.configure(params), params, "interrupted (SIGTERM or Ctrl-C)")
+        err_console.print(f"[bold red]interrupted:[/bold red] {closed} open MLflow run(s) marked KILLED",
+                          soft_wrap=True)
+        raise typer.Exit(130) from None
     _print_mapping("transfer run", summary)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @app.command()
@@ -211,9 +224,12 @@ def runs(
     limit: Annotated[int, typer.Option(help="how many runs")] = 10,
 ) -> None:
     """Recent pipeline runs from MLflow with their accuracy and promotion outcome."""
+    from tasks import tracking
     from tasks.history import recent_runs
 
-    rows = recent_runs(_params(params_file, overrides), limit)
+    params = _params(params_file, overrides)
+    tracking.fail_orphaned_runs(tracking.configure(params), params)  # so none reads RUNNING forever
+    rows = recent_runs(params, limit)
     table = Table("started", "run id", "status", "strategy", "transfer acc", "scratch acc", "promoted", "version")
     for row in rows:
         table.add_row(*[escape(str(row.get(k, ""))) for k in

@@ -3,15 +3,19 @@ stderr, exit code 2, no traceback, no retry; and nothing stale is validated."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from tests.conftest import BIN, REPO, TINY_PARAMS, write_yaml
@@ -183,3 +187,56 @@ def test_own_imagefolder_with_default_params_prepares_and_validates(tmp_path: Pa
                  "--set", "data.source.n=1000"], project)
     assert "data/target not prepared from these params: preparing first" in proc.stderr
     assert "cross/3.jpg" in _one_error_line(proc)
+
+
+# ---------------------------------------------------------------- K: interrupted runs
+
+
+def _start_run_until_pretraining(project: Path) -> tuple[subprocess.Popen, MlflowClient]:
+    """`transfer run` in the background, returned once its pretrain MLflow run is RUNNING."""
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.Popen([str(BIN / "transfer"), "run"], cwd=project, env=env,
+                            stdout=(project / "out.txt").open("w"), stderr=(project / "err.txt").open("w"))
+    client = MlflowClient(uri, uri)
+    for _ in range(300):  # a bound, not a timing assertion
+        assert proc.poll() is None, (project / "err.txt").read_text()[-3000:]
+        if (project / "mlflow.db").exists() and _runs(client, "tags.stage = 'pretrain'"):
+            return proc, client
+        time.sleep(1)
+    proc.kill()
+    raise AssertionError("pretraining never started")
+
+
+def _runs(client: MlflowClient, filter_string: str = "") -> list:
+    experiment = client.get_experiment_by_name("transfer-pipeline")
+    return client.search_runs([experiment.experiment_id], filter_string) if experiment else []
+
+
+def test_sigterm_stops_the_run_and_closes_its_mlflow_runs(tmp_path: Path) -> None:
+    proc, client = _start_run_until_pretraining(_project(tmp_path / "p"))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
+    err = (tmp_path / "p" / "err.txt").read_text()
+    assert "interrupted:" in err and "Traceback" not in err, err[-3000:]
+    statuses = {r.info.run_name: r.info.status for r in _runs(client)}
+    assert statuses and set(statuses.values()) <= {"FAILED", "KILLED"}, statuses
+    assert client.search_registered_models() == []
+
+
+def test_runs_of_a_killed_process_are_marked_failed_with_a_reason(tmp_path: Path) -> None:
+    import psutil
+
+    proc, client = _start_run_until_pretraining(_project(tmp_path / "p"))
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()  # kill -9: no handler runs
+    proc.wait(timeout=60)
+    for child in children:  # the temporary Prefect API it started outlives it: end it here
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    assert {r.info.status for r in _runs(client)} == {"RUNNING"}
+    proc = _cli(["runs"], tmp_path / "p")
+    assert proc.returncode == 0, proc.stderr
+    for run in _runs(client):
+        assert run.info.status == "FAILED"
+        assert "ended without closing this run" in run.data.tags["transfer.end_reason"]
