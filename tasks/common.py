@@ -52,9 +52,10 @@ class UserErrorConsoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         run = getattr(record, "task_run_id", None) or getattr(record, "flow_run_id", None)
         if record.exc_info and is_user_error(record.exc_info[1]):
-            self._failed_runs.add(str(run))
+            if run is not None:
+                self._failed_runs.add(str(run))
             return False
-        if str(run) in self._failed_runs and record.getMessage().startswith("Finished in state"):
+        if run is not None and str(run) in self._failed_runs and record.getMessage().startswith("Finished in state"):
             # not the whole message again: the CLI prints it last. (The API handler, on a
             # child logger, has handled this record already.)
             record.msg, record.args = "Finished in state Failed (the error: line below says why)", ()

@@ -65,8 +65,8 @@ def test_user_error_inside_the_flow_is_one_line_and_not_retried(tmp_path: Path) 
 
 
 def test_unreachable_tracking_store_is_one_line_naming_the_uri(tmp_path: Path) -> None:
-    """I: a sqlite path under a file, a server nobody answers at; in a plain command and
-    inside the flow (its first task opens the store)."""
+    """I: a sqlite path under a file, a server nobody answers at; in `transfer runs` and
+    `transfer run` (which opens the store before the flow starts)."""
     project = _project(tmp_path / "p")
     (tmp_path / "a-file").write_text("")
     bad_sqlite = f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"
