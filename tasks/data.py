@@ -74,7 +74,8 @@ def dvc_lock_versions(root: str | Path = ".") -> dict[str, str]:
 
 def _data_matches_params_file(params: Params, root: Path) -> bool:
     on_disk = load_params(root / "params.yaml")
-    return on_disk.data == params.data
+    return (on_disk.data == params.data  # prepare also reads validate.min_per_class
+            and on_disk.validate_.min_per_class == params.validate_.min_per_class)
 
 
 def version_data(

@@ -48,7 +48,7 @@ def _lock(params: Params) -> FileLock:
     from any directory). Against a tracking server it only covers runs on this machine."""
     folder = tracking.store_dir(tracking.tracking_uri(params))
     folder.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(folder / f".promote-{params.promote.model_name}.lock"), timeout=600)
+    return FileLock(str(folder / f".promote-{params.model_name()}.lock"), timeout=600)
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
@@ -77,7 +77,7 @@ def champion_report(
     params: Params, champion: Any, out_dir: Path
 ) -> tuple[dict[str, Any] | None, str]:
     """Re-score the champion on today's test holdout so the comparison is paired, like for like."""
-    with downloaded_model_dir(f"models:/{params.promote.model_name}/{champion.version}") as model_dir:
+    with downloaded_model_dir(f"models:/{params.model_name()}/{champion.version}") as model_dir:
         try:
             report = stages.evaluate(params, model_dir, out_dir, name=f"champion_v{champion.version}", plots=False)
         except TransferError as error:  # different class set: cannot compare on this test set
@@ -121,12 +121,12 @@ def _register(params: Params, tuned: dict[str, Any], tags: dict[str, Any]) -> An
     from tasks.pyfunc_model import log_pyfunc_model
 
     info = log_pyfunc_model(
-        tuned["model_dir"], name="model", registered_model_name=params.promote.model_name,
+        tuned["model_dir"], name="model", registered_model_name=params.model_name(),
         run_id=tuned["run_id"], max_batch=params.serve.max_batch, max_image_bytes=params.serve.max_image_bytes,
     )
     client = MlflowClient()
     version = client.get_model_version(
-        params.promote.model_name, str(info.registered_model_version)
+        params.model_name(), str(info.registered_model_version)
     )
     for key, value in tracking.flatten("", tags).items():
         if value is not None:
@@ -144,7 +144,7 @@ def promote_model(
     parent_run_id: str,
 ) -> dict[str, Any]:
     client = tracking.configure(params)
-    name = params.promote.model_name
+    name = params.model_name()
     challenger = evaluation["transfer"]
     accuracy = challenger["accuracy"]
     scratch_acc = evaluation.get("scratch", {}).get("accuracy")
@@ -204,7 +204,7 @@ def promote_model(
 def rollback(params: Params) -> dict[str, Any]:
     """Swap ``champion`` and ``previous`` (the last promotion undone, or redone)."""
     client = tracking.configure(params)
-    name = params.promote.model_name
+    name = params.model_name()
     with _lock(params):
         champion, previous = (
             alias_version(client, name, CHAMPION),

@@ -302,7 +302,7 @@ def _summary(
         "strategy_reason": reason,
         "strategy_rule": rule,
         "labels_per_class": recorded.get("labels_per_class", ft.labels_per_class),
-        "model_name": recorded.get("model_name", rp.promote.model_name),
+        "model_name": recorded.get("model_name", rp.model_name()),
         "model_version": recorded.get("model_version", tags.get("model_version")),
         "promoted": _bool(recorded.get("promoted", tags.get("promoted"))),
         "promotion_reason": recorded.get("promotion_reason"),

@@ -83,7 +83,7 @@ def should_retrain(params: Params, data: dict[str, Any], force: bool = False) ->
     """Decide whether to retrain. Returns ``{retrain, reason, champion_version, champion_data,
     current_data, changed}``; ``*_data`` are ``{dataset: {version, dvc_md5}}``."""
     client = tracking.configure(params)
-    name = params.promote.model_name
+    name = params.model_name()
     champion = alias_version(client, name, CHAMPION)
     current = data_fingerprint(data)
     decision: dict[str, Any] = {

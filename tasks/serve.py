@@ -38,7 +38,7 @@ ENV_PORT = "TRANSFER_SERVE_PORT"
 
 def model_uri(params: Params, alias: str | None = None) -> str:
     """``models:/<promote.model_name>@<alias or serve.alias>``."""
-    return f"models:/{params.promote.model_name}@{alias or params.serve.alias}"
+    return f"models:/{params.model_name()}@{alias or params.serve.alias}"
 
 
 def version_uri(name: str, version: str | int) -> str:
@@ -309,8 +309,8 @@ def requested_uri(
     if model is not None:
         return model
     if version is not None:
-        return version_uri(params.promote.model_name, version)
-    check_alias(tracking_uri, params.promote.model_name, alias or params.serve.alias)
+        return version_uri(params.model_name(), version)
+    check_alias(tracking_uri, params.model_name(), alias or params.serve.alias)
     return model_uri(params, alias)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -19,8 +20,10 @@ import mlflow
 from filelock import FileLock
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import SQLAlchemyError
 
 from transfer.config import Params
+from transfer.errors import TransferError
 
 MLRUNS = "mlruns"
 
@@ -51,12 +54,51 @@ def artifact_root(sqlite_uri: str) -> str:
 
 
 def configure(params: Params) -> MlflowClient:
-    """Point MLflow at the store (explicit, never at import time) and ensure the experiment."""
-    uri = tracking_uri(params)
+    """Point MLflow at the store (explicit, never at import time) and ensure the experiment.
+
+    A store that cannot be opened (unwritable path, server down) is a ``TransferError``
+    naming the URI: one line, not MLflow's traceback after minutes of HTTP retries."""
+    uri = _store_uri(params)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if (uri, params.runtime.experiment) in _ready:  # every task calls this: set up once
         return MlflowClient(uri, uri)
+    try:
+        _check_reachable(uri)
+        client = _open_store(uri, params)
+    except (OSError, mlflow.exceptions.MlflowException, SQLAlchemyError) as error:
+        raise _store_error(uri, error) from error
+    _ready.add((uri, params.runtime.experiment))
+    return client
+
+
+def _store_uri(params: Params) -> str:
+    try:
+        return tracking_uri(params)
+    except OSError as error:  # mlruns/ cannot be created here
+        raise _store_error(f"sqlite under {Path(MLRUNS).resolve()}", error) from error
+
+
+def _store_error(uri: str, error: BaseException) -> TransferError:
+    reason = " ".join(str(error).split())[:300]
+    return TransferError(
+        f"MLflow tracking store {uri} cannot be opened ({type(error).__name__}: {reason}); "
+        "set MLFLOW_TRACKING_URI (or runtime.tracking_uri) to a writable sqlite:///path "
+        "or a reachable tracking server")
+
+
+def _check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """One quick request: MLflow's client retries a dead server for minutes."""
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri, timeout=timeout)  # any HTTP answer (even 401/404) will do
+        except requests.RequestException as error:
+            raise OSError(f"no answer from the server: {type(error).__name__}") from error
+
+
+def _open_store(uri: str, params: Params) -> MlflowClient:
     with _store_init_lock(uri):
         client = MlflowClient(uri, uri)
         client.search_registered_models(max_results=1)  # opens (and creates) the registry tables too
@@ -66,7 +108,6 @@ def configure(params: Params) -> MlflowClient:
                 client.create_experiment(params.runtime.experiment, artifact_location=location)
             except mlflow.exceptions.MlflowException:
                 pass  # another run created it meanwhile (a tracking server has no local lock)
-    _ready.add((uri, params.runtime.experiment))
     return client
 
 
@@ -95,11 +136,66 @@ def start_run(
     parent_id: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> str:
-    all_tags = dict(tags or {})
+    all_tags = {**dict(tags or {}), **_owner_tags()}
     if parent_id:
         all_tags["mlflow.parentRunId"] = parent_id
     run = client.create_run(experiment_id(client, params), run_name=name, tags=all_tags)
     return run.info.run_id
+
+
+# ---------------------------------------------------------------- runs left RUNNING
+OWNER_PID, OWNER_HOST, END_REASON = "transfer.pid", "transfer.host", "transfer.end_reason"
+
+
+def _owner_tags() -> dict[str, str]:
+    """Which process owns a run: a run it leaves RUNNING can be told from a live one."""
+    return {OWNER_PID: str(os.getpid()), OWNER_HOST: socket.gethostname()}
+
+
+def _running_runs(client: MlflowClient, params: Params) -> list[Any]:
+    experiment = client.get_experiment_by_name(params.runtime.experiment)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                              max_results=1000)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def end_own_runs(client: MlflowClient, params: Params, reason: str) -> int:
+    """Mark KILLED every run this process still has RUNNING (after SIGTERM / Ctrl-C)."""
+    mine = _owner_tags()
+    runs = [r for r in _running_runs(client, params)
+            if all(r.data.tags.get(k) == v for k, v in mine.items())]
+    for run in runs:
+        _terminate(client, run.info.run_id, RunStatus.KILLED, reason)
+    return len(runs)
+
+
+def fail_orphaned_runs(client: MlflowClient, params: Params) -> int:
+    """Mark FAILED the runs left RUNNING by a process of this host that is gone (kill -9,
+    power loss): otherwise they read as running forever."""
+    host, orphans = socket.gethostname(), 0
+    for run in _running_runs(client, params):
+        pid = run.data.tags.get(OWNER_PID, "")
+        if run.data.tags.get(OWNER_HOST) == host and pid.isdigit() and not _alive(int(pid)):
+            _terminate(client, run.info.run_id, RunStatus.FAILED,
+                       f"process {pid} on {host} ended without closing this run (killed?)")
+            orphans += 1
+    return orphans
+
+
+def _terminate(client: MlflowClient, run_id: str, status: int, reason: str) -> None:
+    client.set_tag(run_id, END_REASON, reason)
+    client.set_terminated(run_id, status=RunStatus.to_string(status))
 
 
 def end_run(client: MlflowClient, run_id: str, ok: bool = True) -> None:

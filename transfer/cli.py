@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,7 +38,22 @@ SetOpt = Annotated[
 
 
 def _params(path: Path, overrides: list[str] | None) -> Params:
+    if not path.exists():
+        _no_params_file(path)
     return load_params(path, overrides or [])
+
+
+def _no_params_file(path: Path) -> None:
+    """A missing default params.yaml means "not in a project": say what is used and where
+    state goes; a missing file the user named is an error."""
+    if path != Path("params.yaml"):
+        raise TransferError(f"params file {path} not found")
+    _note(f"no params.yaml in {Path.cwd()}: using the built-in defaults (transfer --help); "
+          "data/, artifacts/ and mlruns/ are written here")
+
+
+def _note(text: str) -> None:
+    err_console.print(f"[yellow]note:[/yellow] {escape(text)}", soft_wrap=True)
 
 
 def _write_json(path: str | Path, data: Any) -> None:
@@ -58,9 +74,10 @@ def data_prepare(
     from transfer.data import dataset_version, prepare_datasets
 
     params = _params(params_file, overrides)
-    dirs = prepare_datasets(params.data, strict=not (params.data.skip_bad_images or record_bad), progress=True)
+    dirs = prepare_datasets(params.data, strict=not (params.data.skip_bad_images or record_bad), progress=True,
+                            min_per_split=params.validate_.min_per_class)
     for name, path in dirs.items():
-        console.print(f"[green]{name}[/green]: {path} (version {dataset_version(path)[:12]})")
+        console.print(f"[green]{name}[/green]: {escape(str(path))} (version {dataset_version(path)[:12]})")
 
 
 @app.command()
@@ -71,16 +88,38 @@ def validate(
     """Run the great-expectations suites on the prepared datasets (no training)."""
     from tasks.validate import DataValidationError, validate_stage
 
+    params = _params(params_file, overrides)
+    _prepare_if_stale(params)
     try:
-        report = validate_stage(_params(params_file, overrides), report_dir)
+        report = validate_stage(params, report_dir)
     except DataValidationError as error:  # show why transfer may not help, then the one line
         if error.report is not None:
             _print_sense(error.report.sense)
         raise
     _print_sense(report.sense)
     for warning in report.warnings():
-        console.print(f"[yellow]warning:[/yellow] {warning.headline()}: {warning.details}", markup=False)
-    console.print(f"[green]{report.summary()}[/green] (report in {report_dir}/validation_report.md)")
+        console.print(f"[yellow]warning:[/yellow] {escape(f'{warning.headline()}: {warning.details}')}",
+                      soft_wrap=True)
+    console.print(f"[green]{escape(report.summary())}[/green] "
+                  f"(report in {escape(str(report_dir))}/validation_report.md)", soft_wrap=True)
+
+
+def _prepare_if_stale(params: Params) -> None:
+    """Validate the data the params name, never what an earlier run left in data/.
+
+    Stale data is prepared here (as dvc.yaml and the flow do: unreadable files recorded,
+    for the report) rather than refused: DVC can restore the outputs of `prepare` from its
+    run cache without running it, which leaves a recipe stamp that no longer matches."""
+    from transfer.data import prepare_source, prepare_target
+    from transfer.data.prepare import stale_datasets
+
+    minimum = params.validate_.min_per_class
+    stale = stale_datasets(params.data, min_per_split=minimum)
+    if stale:
+        _note(f"{', '.join(map(str, stale.values()))} not prepared from these params: preparing first")
+    for name in stale:
+        prepare = prepare_source if name == "source" else prepare_target
+        prepare(params.data, strict=False, progress=True, min_per_split=minimum)
 
 
 @app.command()
@@ -98,7 +137,7 @@ def pretrain(
     if not distributed.is_main():
         return  # under torchrun, rank 0 reports
     _write_json(metrics, {**trained.info, "seconds": trained.seconds})
-    console.print(f"source model: {trained.model_dir} (source test accuracy {trained.info['source_test_accuracy']:.4f})")
+    console.print(f"source model: {escape(str(trained.model_dir))} (source test accuracy {trained.info['source_test_accuracy']:.4f})")
 
 
 @app.command()
@@ -114,7 +153,7 @@ def finetune(
     params = _params(params_file, overrides)
     trained = stages.finetune(params, source, out, strategy=strategy)
     _write_json(out / "history.json", trained.history)
-    console.print(f"fine-tuned ({trained.strategy}: {trained.info['reason']}) -> {trained.model_dir}")
+    console.print(escape(f"fine-tuned ({trained.strategy}: {trained.info['reason']}) -> {trained.model_dir}"))
 
 
 @app.command()
@@ -127,7 +166,7 @@ def baseline(
 
     trained = stages.train_scratch(_params(params_file, overrides), out)
     _write_json(out / "history.json", trained.history)
-    console.print(f"scratch baseline -> {trained.model_dir}")
+    console.print(f"scratch baseline -> {escape(str(trained.model_dir))}")
 
 
 @app.command()
@@ -164,9 +203,24 @@ def run(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) 
     """Run the whole Prefect flow: data -> validate -> pretrain -> fine-tune -> evaluate -> promote."""
     params = _params(params_file, overrides)  # bad keys fail here, before anything starts
     from flows.pipeline import transfer_pipeline
+    from tasks import tracking
+    from tasks.common import quiet_user_errors_on_console
 
-    summary = transfer_pipeline(params=params)
+    quiet_user_errors_on_console()
+    tracking.fail_orphaned_runs(tracking.configure(params), params)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: unwind, close the runs
+    try:
+        summary = transfer_pipeline(params=params)
+    except KeyboardInterrupt:
+        closed = tracking.end_own_runs(tracking.configure(params), params, "interrupted (SIGTERM or Ctrl-C)")
+        err_console.print(f"[bold red]interrupted:[/bold red] {closed} open MLflow run(s) marked KILLED",
+                          soft_wrap=True)
+        raise typer.Exit(130) from None
     _print_mapping("transfer run", summary)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @app.command()
@@ -175,7 +229,7 @@ def rollback(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = N
     from tasks.promote import rollback as do_rollback
 
     result = do_rollback(_params(params_file, overrides))
-    console.print(f"{result['model_name']}: champion -> v{result['champion']}, previous -> v{result['previous']}")
+    console.print(escape(f"{result['model_name']}: champion -> v{result['champion']}, previous -> v{result['previous']}"))
 
 
 @app.command()
@@ -184,13 +238,16 @@ def runs(
     limit: Annotated[int, typer.Option(help="how many runs")] = 10,
 ) -> None:
     """Recent pipeline runs from MLflow with their accuracy and promotion outcome."""
+    from tasks import tracking
     from tasks.history import recent_runs
 
-    rows = recent_runs(_params(params_file, overrides), limit)
+    params = _params(params_file, overrides)
+    tracking.fail_orphaned_runs(tracking.configure(params), params)  # so none reads RUNNING forever
+    rows = recent_runs(params, limit)
     table = Table("started", "run id", "status", "strategy", "transfer acc [95% CI]", "scratch acc [95% CI]",
                   "gain [95% CI] McNemar p", "promoted", "version")
     for row in rows:
-        table.add_row(*[str(row.get(k, "")) for k in
+        table.add_row(*[escape(str(row.get(k, ""))) for k in
                         ("start", "run_id", "status", "strategy", "test_accuracy", "scratch_test_accuracy",
                          "gain", "promoted", "model_version")])
     Console(width=max(console.width, 160)).print(table)  # a wide table: never cut at 80 columns
@@ -231,7 +288,7 @@ def predict(
     rows = predict_files(images, model_uri(params, alias), tracking_uri(params))
     table = Table("image", "label", "probability")
     for row in rows:
-        table.add_row(str(row["path"]), str(row["label"]), f"{row['probability']:.3f}")
+        table.add_row(escape(str(row["path"])), escape(str(row["label"])), f"{row['probability']:.3f}")
     console.print(table)
 
 
@@ -246,7 +303,7 @@ def schedule(
 
     params = _params(params_file, overrides)
     expression = validate_cron(cron or params.schedule.cron)
-    console.print(f"serving the retrain flow on '{expression}' (Ctrl-C to stop)")
+    console.print(f"serving the retrain flow on '{escape(expression)}' (Ctrl-C to stop)")
     serve_schedule(params_file, overrides or [], expression)
 
 
@@ -267,7 +324,7 @@ def report(
     paths = report_for_run(params, run_id, out, [int(k) for k in ks.split(",")],
                            [s for s in strategies.split(",") if s], epochs, seeds=seeds)
     for name, path in paths.items():
-        console.print(f"{name}: {path}")
+        console.print(escape(f"{name}: {path}"))
 
 
 def _print_sense(checks: list[dict[str, Any]]) -> None:
@@ -287,7 +344,7 @@ def _print_mapping(title: str, data: dict[str, Any]) -> None:
     for key, value in data.items():
         if isinstance(value, float):
             value = f"{value:.4f}"
-        table.add_row(key, str(value))
+        table.add_row(escape(str(key)), escape(str(value)))
     console.print(table)
 
 
@@ -312,8 +369,13 @@ def main() -> None:
         app()
     except TransferError as error:
         # one line, printed as is: a message may hold [brackets] rich would take for markup
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(error))}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/bold red] {escape(one_line(error))}", soft_wrap=True)
         sys.exit(2)
+
+
+def one_line(error: BaseException) -> str:
+    """The message on one line: a user error is one line of the console, whatever its text."""
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

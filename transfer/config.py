@@ -6,6 +6,7 @@ typo in ``params.yaml`` or ``--set`` fails before any work starts.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,8 +42,16 @@ class TargetData(_Section):
 
     kind: Literal["sklearn_digits", "imagefolder"] = "sklearn_digits"
     path: str | None = None  # ImageFolder root when kind=imagefolder
-    test_size: int | float = Field(797, gt=0, description="held-out test images (int) or fraction")
+    # null = the kind's default: the fixed 797-image test split of the digits, a fraction
+    # of the images for a folder of any size
+    test_size: int | float | None = Field(None, gt=0, description="held-out test images (int) or fraction")
     val_fraction: float = Field(0.1, gt=0, lt=1)
+
+    def resolved_test_size(self) -> int | float:
+        return self.test_size if self.test_size is not None else DEFAULT_TEST_SIZE[self.kind]
+
+
+DEFAULT_TEST_SIZE: dict[str, int | float] = {"sklearn_digits": 797, "imagefolder": 0.2}
 
 
 class DataParams(_Section):
@@ -57,11 +66,25 @@ class DataParams(_Section):
     target: TargetData = TargetData()
 
     @model_validator(mode="after")
-    def _imagefolder_needs_path(self) -> DataParams:
+    def _path_matches_kind(self) -> DataParams:
         for name, section in (("source", self.source), ("target", self.target)):
-            if section.kind == "imagefolder" and not section.path:
-                raise ValueError(f"data.{name}.path is required when data.{name}.kind=imagefolder")
+            _check_path(f"data.{name}", section.kind, section.path)
         return self
+
+
+def _check_path(key: str, kind: str, path: str | None) -> None:
+    """A path is an ImageFolder root: required (and must exist) for kind=imagefolder, and
+    an error for a built-in kind, which would otherwise silently ignore it."""
+    if kind != "imagefolder":
+        if path:
+            raise ValueError(f"{key}.path={path!r} is set but {key}.kind={kind} takes no path: "
+                             f"add --set {key}.kind=imagefolder to use that folder")
+        return
+    if not path:
+        raise ValueError(f"{key}.path is required when {key}.kind=imagefolder")
+    if not Path(path).is_dir():
+        raise ValueError(f"{key}.path={path!r}: no such directory (an ImageFolder root: "
+                         "one sub-folder of images per class)")
 
 
 class ValidateParams(_Section):
@@ -140,7 +163,7 @@ class EvaluateParams(_Section):
 
 
 class PromoteParams(_Section):
-    model_name: str = "digits-transfer"
+    model_name: str | None = None  # registered model; null = derived from the target dataset
     accuracy_floor: float = Field(0.7, ge=0, le=1)
     min_delta: float = Field(0.0, ge=0, le=1)
     # the champion moves only on a significant paired improvement (exact McNemar p < alpha)
@@ -196,6 +219,18 @@ class Params(_Section):
         """A copy whose models train with ``seed`` (the labelled subset stays: data.seed)."""
         return self.model_copy(update={"runtime": self.runtime.model_copy(update={"seed": seed})})
 
+    def model_name(self) -> str:
+        """The registered model: ``promote.model_name``, else named after the target data
+        ("digits-transfer", "<folder>-transfer"), so a user's data never lands in the
+        digits model's history."""
+        if self.promote.model_name:
+            return self.promote.model_name
+        target = self.data.target
+        if target.kind != "imagefolder":
+            return "digits-transfer"
+        folder = Path(target.path or ".").resolve().name
+        return (re.sub(r"[^A-Za-z0-9_.-]+", "-", folder).strip("-.") or "imagefolder") + "-transfer"
+
     def dump(self) -> dict[str, Any]:
         """Plain dict with the YAML section names (``validate``, not ``validate_``)."""
         return self.model_dump(by_alias=True, mode="json")
@@ -207,6 +242,8 @@ def _format_errors(error: ValidationError) -> str:
         key = ".".join(str(p) for p in item["loc"]).replace("validate_", "validate")
         if item["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'")
+        elif item["type"] == "value_error":  # our validators: the message names the key
+            lines.append(item["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"'{key}': {item['msg']} (got {item.get('input')!r})")
     return "invalid params: " + "; ".join(lines)
@@ -247,10 +284,18 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = 
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+            raise ConfigError(_yaml_error(path, error)) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return params_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def _yaml_error(path: str | Path, error: yaml.YAMLError) -> str:
+    """One line: ``file:line:column: invalid YAML: problem`` (PyYAML's text spans lines)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(error, "problem", None) or str(error)
+    return " ".join(f"{where}: invalid YAML: {problem}".split())
 
 
 def write_params(params: Params, path: str | Path) -> None:

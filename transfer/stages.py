@@ -56,7 +56,8 @@ def dataset_dirs(params: Params) -> dict[str, Path]:
 
 def prepare(params: Params, *, strict: bool = True, progress: bool = True) -> dict[str, Any]:
     """Materialise source and target ImageFolder trees + manifests; return their versions."""
-    dirs = prepare_datasets(params.data, strict=strict, progress=progress)
+    dirs = prepare_datasets(params.data, strict=strict, progress=progress,
+                            min_per_split=params.validate_.min_per_class)
     return {name: {"dir": str(path), "version": dataset_version(path)} for name, path in dirs.items()}
 
 

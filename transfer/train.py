@@ -371,6 +371,9 @@ def fit(
     written_by = _checkpoint_origin(cfg, seed)
     if ckpt is not None and ckpt.exists():
         start_epoch = _resume(ckpt, loop, scheduler, result, callbacks, written_by)
+        # a warning: the previous attempt stopped there, and a resume must never be silent
+        log.warning("%s: resuming from epoch %d of %d (checkpoint %s)", desc,
+                    result.resumed_from_epoch, cfg.epochs, ckpt)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     train_split = _Split(train, device)

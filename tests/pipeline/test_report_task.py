@@ -55,7 +55,7 @@ def _pipeline_run(params) -> dict:
         "scratch_accuracy": evaluation["scratch"]["accuracy"],
         "gain": evaluation["gain"]["gain"],
         "negative_transfer": evaluation["gain"]["negative_transfer"],
-        "model_name": params.promote.model_name,
+        "model_name": params.model_name(),
         "model_version": "1",
         "promoted": True,
         "promotion_reason": "all gates passed",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from transfer.config import ConfigError, DataParams
+from transfer.config import ConfigError, DataParams, params_from_dict
 from transfer.data import (
     MANIFEST_COLUMNS,
     ImageTensors,
@@ -21,6 +21,7 @@ from transfer.data import (
     clear_memory_cache,
     dataset_version,
     inspect_image,
+    list_imagefolder,
     digit_fonts,
     load_split,
     prepare_datasets,
@@ -195,9 +196,11 @@ def _truncate(path: Path) -> None:
 
 
 def test_missing_root(tmp_path: Path):
-    params = folder_params(tmp_path, tmp_path / "nowhere")
+    # params reject it before anything runs; the data layer names it too
+    with pytest.raises(ConfigError, match="data.source.path=.*nowhere.*no such directory"):
+        params_from_dict({"data": {"source": {"kind": "imagefolder", "path": str(tmp_path / "nowhere")}}})
     with pytest.raises(DataError, match="nowhere"):
-        prepare_source(params, progress=False)
+        list_imagefolder(tmp_path / "nowhere")
 
 
 def test_empty_class_folder(tmp_path: Path, folder: Path):

@@ -54,7 +54,7 @@ def test_same_seed_same_weights_on_cpu() -> None:
     assert all(torch.equal(x, y) for x, y in zip(_weights(a), _weights(b)))
 
 
-def test_resume_after_crash_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
+def test_resume_after_crash_gives_the_uninterrupted_weights(tmp_path: Path, caplog) -> None:
     torch.manual_seed(0)
     init = create_model("tiny_cnn", 3, 1).state_dict()
     straight = create_model("tiny_cnn", 3, 1)
@@ -71,6 +71,7 @@ def test_resume_after_crash_gives_the_uninterrupted_weights(tmp_path: Path) -> N
     resumed = create_model("tiny_cnn", 3, 1)  # a fresh process: weights come from the checkpoint
     result = fit(resumed, _toy(), _toy(seed=1), _cfg(), device=CPU, seed=3, progress=False, checkpoint_dir=tmp_path)
     assert result.resumed_from_epoch == 2 and [s.epoch for s in result.history] == [1, 2, 3, 4]
+    assert "resuming from epoch 2 of 4" in caplog.text  # never silently
     assert all(torch.equal(x, y) for x, y in zip(_weights(straight), _weights(resumed)))
 
 

@@ -139,7 +139,7 @@ def _too_small(labelled: list[ManifestRow]) -> set[str]:
 
 def split_rows(
     rows: list[ManifestRow], *, test_size: int | float, val_size: int | float, seed: int,
-    origin: Path, strict: bool = True,
+    origin: Path, strict: bool = True, min_per_split: int = 1,
 ) -> list[ManifestRow]:
     """Stratified splits over the readable labelled rows.
 
@@ -158,6 +158,7 @@ def split_rows(
     splits = assign_splits(
         [r.path for r in labelled], [r.label for r in labelled],
         test_size=test_size, val_size=val_size, seed=seed, groups=[r.sha256 for r in labelled],
+        min_per_split=min_per_split,
     ) if labelled else []
     check_splits([r.label for r in labelled], splits, str(origin))
     out = [r.with_split(s) for r, s in zip(labelled, splits, strict=True)]
@@ -170,6 +171,11 @@ def _target_sizes(test_size: int | float, val_fraction: float, n: int) -> tuple[
     """Target: test is a count (or fraction); val is a fraction of what test leaves."""
     if isinstance(test_size, float) and test_size < 1:
         return test_size, (1 - test_size) * val_fraction
+    if int(test_size) >= n:  # else val would be a negative count
+        raise DataError(
+            f"data.target.test_size={int(test_size)} test images but the target has {n} "
+            "labelled images: set data.target.test_size to a fraction, e.g. 0.2 "
+            "(or null: the kind's default)")
     return int(test_size), int(round((n - int(test_size)) * val_fraction))
 
 
@@ -188,10 +194,11 @@ def _stamp_path(dest: Path) -> Path:
     return dest.parent / ".cache" / f"prepared-{dest.name}.json"
 
 
-def _is_current(dest: Path, recipe: dict[str, Any]) -> bool:
+def _is_current(dest: Path, recipe: dict[str, Any], ignore: tuple[str, ...] = ()) -> bool:
     try:
         stamp = json.loads(_stamp_path(dest).read_text())
-        if stamp["recipe"] != recipe or stamp["manifest_sha256"] != manifest_sha256(dest):
+        recorded = {k: v for k, v in stamp["recipe"].items() if k not in ignore}
+        if recorded != {k: v for k, v in recipe.items() if k not in ignore} or stamp["manifest_sha256"] != manifest_sha256(dest):
             return False
         return all((dest / r.path).is_file() for r in read_manifest(dest))
     except (OSError, ValueError, KeyError, DataError):
@@ -210,44 +217,62 @@ Producer = Callable[[Path], list[ManifestRow]]
 
 
 def _build(
-    dest: Path, recipe: dict[str, Any], produce: Producer, sizes: Callable[[int], tuple[Any, Any]],
-    *, origin: Path, params: DataParams, strict: bool, empty_classes: Sequence[str] = (),
+    dest: Path, recipe: dict[str, Any], produce: Callable[[], Producer], sizes: Callable[[int], tuple[Any, Any]],
+    *, origin: Path, params: DataParams, strict: bool, min_per_split: int = 1,
 ) -> Path:
-    # the code that renders/copies and splits is part of the recipe: an edit rebuilds
-    recipe = {**recipe, "seed": params.seed, "skip_bad_images": params.skip_bad_images,
-              "strict": strict, "empty_classes": list(empty_classes),
-              "code": fingerprint.code_fingerprint("data")}
+    recipe = {**_common_recipe(recipe, params, min_per_split), "strict": strict}
     recipe = json.loads(json.dumps(recipe))  # normalise (tuples -> lists) for comparison
     if _is_current(dest, recipe):
         log.info("%s is up to date; reusing it", dest)
         return dest
     with atomic_dir(dest) as tmp:
-        rows = produce(tmp)
+        rows = produce()(tmp)
         rows = handle_bad_files(rows, tmp, origin, skip=params.skip_bad_images, strict=strict,
-                                empty_classes=empty_classes)
+                                empty_classes=recipe.get("empty_classes", ()))
         test_size, val_size = sizes(sum(1 for r in rows if r.label and r.readable))
         rows = split_rows(rows, test_size=test_size, val_size=val_size, seed=params.seed,
-                          origin=origin, strict=strict)
+                          origin=origin, strict=strict, min_per_split=min_per_split)
         write_manifest(rows, tmp)
     _write_stamp(dest, recipe)  # after the rename: a stamp never describes a torn build
     return dest
 
 
-def _imagefolder_producer(root: Path, progress: bool, params: DataParams) -> tuple[Producer, list[str]]:
-    """The copying producer and the empty class folders (validated before any copying)."""
-    files, empty = list_imagefolder(root), empty_class_folders(root)
+def _imagefolder_producer(root: Path, progress: bool, params: DataParams, empty: list[str]) -> Producer:
+    """The copying producer (the folder is listed and checked before any copying)."""
+    files = list_imagefolder(root)
     set_pixel_limit(params.max_image_pixels)  # PIL's own guard, for every later decode too
     return functools.partial(
         copy_imagefolder, root, files=files, empty=empty, progress=progress,
         max_bytes=params.max_image_bytes, max_pixels=params.max_image_pixels,
-    ), empty
+    )
+
+
+def _imagefolder_spec(
+    origin: Path, progress: bool, params: DataParams, recipe: dict[str, Any],
+) -> tuple[Callable[[], Producer], dict[str, Any]]:
+    """An ImageFolder input: its listing, empty class folders and decode limits are recipe."""
+    empty = empty_class_folders(origin) if origin.is_dir() else []
+    recipe = recipe | {"path": str(origin), "listing": _listing_digest(origin), "empty_classes": empty,
+                       "limits": [params.max_image_pixels, params.max_image_bytes]}
+    return functools.partial(_imagefolder_producer, origin, progress, params, empty), recipe
 
 
 def _source_sizes(test_fraction: float, val_fraction: float, n: int) -> tuple[float, float]:
     return test_fraction, val_fraction
 
 
-def prepare_source(params: DataParams, *, strict: bool = True, progress: bool = True) -> Path:
+def _common_recipe(recipe: dict[str, Any], params: DataParams, min_per_split: int) -> dict[str, Any]:
+    # the code that renders/copies and splits is part of the recipe: an edit rebuilds
+    return {**recipe, "seed": params.seed, "skip_bad_images": params.skip_bad_images,
+            "min_per_split": min_per_split, "code": fingerprint.code_fingerprint("data")}
+
+
+# A dataset's spec: what it is built from (recipe), by what (producer, made lazily so that
+# checking a recipe copies nothing), with which split sizes, and its name in messages.
+Spec = tuple[Path, dict[str, Any], Callable[[], Producer], Callable[[int], tuple[Any, Any]], Path]
+
+
+def _source_spec(params: DataParams, progress: bool) -> Spec:
     spec, dest = params.source, Path(params.root) / "source"
     sizes = functools.partial(_source_sizes, spec.test_fraction, spec.val_fraction)
     recipe: dict[str, Any] = {"kind": spec.kind, "val": spec.val_fraction,
@@ -256,43 +281,70 @@ def prepare_source(params: DataParams, *, strict: bool = True, progress: bool = 
         fonts = [Path(f).name for f in digit_fonts()]  # another matplotlib may ship others
         recipe |= {"n": spec.n, "image_size": params.image_size, "version": RECIPE_VERSION,
                    "fonts": fonts}
-        produce: Producer = functools.partial(
-            write_font_digits, n=spec.n, image_size=params.image_size, seed=params.seed,
-            progress=progress,
+        produce = functools.partial(
+            functools.partial, write_font_digits, n=spec.n, image_size=params.image_size,
+            seed=params.seed, progress=progress,
         )
-        origin, empty = Path("data.source (fonts)"), []
+        origin = Path("data.source (fonts)")
     else:
         origin = Path(spec.path or "")
-        produce, empty = _imagefolder_producer(origin, progress, params)
-        recipe |= {"path": spec.path, "listing": _listing_digest(origin),
-                   "limits": [params.max_image_pixels, params.max_image_bytes]}
-    return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict,
-                  empty_classes=empty)
+        produce, recipe = _imagefolder_spec(origin, progress, params, recipe)
+    return dest, recipe, produce, sizes, origin
 
 
-def prepare_target(params: DataParams, *, strict: bool = True, progress: bool = True) -> Path:
+def _target_spec(params: DataParams, progress: bool) -> Spec:
     spec, dest = params.target, Path(params.root) / "target"
-    sizes = functools.partial(_target_sizes, spec.test_size, spec.val_fraction)
-    recipe: dict[str, Any] = {"kind": spec.kind, "val": spec.val_fraction, "test": spec.test_size}
+    test_size = spec.resolved_test_size()
+    sizes = functools.partial(_target_sizes, test_size, spec.val_fraction)
+    recipe: dict[str, Any] = {"kind": spec.kind, "val": spec.val_fraction, "test": test_size}
     if spec.kind == "sklearn_digits":
         recipe |= {"image_size": params.image_size, "version": RECIPE_VERSION}
-        produce: Producer = functools.partial(
-            write_sklearn_digits, image_size=params.image_size, progress=progress)
-        origin, empty = Path("data.target (sklearn_digits)"), []
+        produce = functools.partial(
+            functools.partial, write_sklearn_digits, image_size=params.image_size,
+            progress=progress)
+        origin = Path("data.target (sklearn_digits)")
     else:
         origin = Path(spec.path or "")
-        produce, empty = _imagefolder_producer(origin, progress, params)
-        recipe |= {"path": spec.path, "listing": _listing_digest(origin),
-                   "limits": [params.max_image_pixels, params.max_image_bytes]}
+        produce, recipe = _imagefolder_spec(origin, progress, params, recipe)
+    return dest, recipe, produce, sizes, origin
+
+
+def _prepare(spec: Spec, params: DataParams, strict: bool, min_per_split: int) -> Path:
+    dest, recipe, produce, sizes, origin = spec
     return _build(dest, recipe, produce, sizes, origin=origin, params=params, strict=strict,
-                  empty_classes=empty)
+                  min_per_split=min_per_split)
+
+
+def prepare_source(params: DataParams, *, strict: bool = True, progress: bool = True,
+                   min_per_split: int = 1) -> Path:
+    return _prepare(_source_spec(params, progress), params, strict, min_per_split)
+
+
+def prepare_target(params: DataParams, *, strict: bool = True, progress: bool = True,
+                   min_per_split: int = 1) -> Path:
+    return _prepare(_target_spec(params, progress), params, strict, min_per_split)
 
 
 def prepare_datasets(
-    params: DataParams, *, strict: bool = True, progress: bool = True
+    params: DataParams, *, strict: bool = True, progress: bool = True, min_per_split: int = 1
 ) -> dict[str, Path]:
-    """Materialise both datasets (ImageFolder tree + manifest.csv); return their folders."""
+    """Materialise both datasets (ImageFolder tree + manifest.csv); return their folders.
+
+    ``min_per_split``: the fewest images per class in val and test (validation's minimum).
+    """
     return {
-        "source": prepare_source(params, strict=strict, progress=progress),
-        "target": prepare_target(params, strict=strict, progress=progress),
+        "source": prepare_source(params, strict=strict, progress=progress, min_per_split=min_per_split),
+        "target": prepare_target(params, strict=strict, progress=progress, min_per_split=min_per_split),
     }
+
+
+def stale_datasets(params: DataParams, *, min_per_split: int = 1) -> dict[str, Path]:
+    """The datasets ("source", "target") under ``data.root`` that these params would not
+    build as they are (prepared for other params, files changed since, never prepared)."""
+    stale = {}
+    for name, make in (("source", _source_spec), ("target", _target_spec)):
+        dest, recipe, _, _, _ = make(params, False)
+        recipe = json.loads(json.dumps(_common_recipe(recipe, params, min_per_split)))
+        if not _is_current(dest, recipe, ignore=("strict",)):  # strict: how, not what
+            stale[name] = dest
+    return stale

@@ -50,12 +50,14 @@ def _check_sizes(sizes: dict[str, int]) -> None:
 
 
 def split_counts(
-    sizes: dict[str, int], test_size: int | float, val_size: int | float
+    sizes: dict[str, int], test_size: int | float, val_size: int | float, min_per_split: int = 1
 ) -> dict[str, tuple[int, int, int]]:
     """Per-class (train, val, test) counts; every class gets >= 1 in every split.
 
     ``test_size``/``val_size``: int = total count over all classes, float = fraction of
-    all images. Totals are exact unless a tiny class forces the 1-per-split minimum.
+    all images. ``min_per_split``: val and test of each class get at least this many
+    (validation's ``min_per_class``) where the class leaves a training image; otherwise
+    fewer, and validation names the class. Totals are exact unless a class forces a minimum.
     """
     _check_sizes(sizes)
     n = sum(sizes.values())
@@ -69,8 +71,9 @@ def split_counts(
     val = allocate(n_val, sizes)
     out = {}
     for c, s in sizes.items():
-        t = min(max(test[c], 1), s - 2)
-        v = min(max(val[c], 1), s - t - 1)
+        m = max(1, min(min_per_split, (s - 1) // 2))  # keep >= 1 training image
+        t = min(max(test[c], m), s - m - 1)
+        v = min(max(val[c], m), s - t - 1)
         out[c] = (s - t - v, v, t)
     return out
 
@@ -87,6 +90,7 @@ def assign_splits(
     val_size: int | float,
     seed: int,
     groups: Sequence[str] | None = None,
+    min_per_split: int = 1,
 ) -> list[str]:
     """Return a split name ("train"/"val"/"test") for each key, stratified by label.
 
@@ -98,7 +102,7 @@ def assign_splits(
     for i, (label, group) in enumerate(zip(labels, groups, strict=True)):
         units[label][group].append(i)
     sizes = {label: len(g) for label, g in sorted(units.items())}
-    counts = split_counts(sizes, test_size, val_size)
+    counts = split_counts(sizes, test_size, val_size, min_per_split)
     result = [""] * len(keys)
     for label, by_group in units.items():
         # sort by each group's smallest key: independent of listing order
