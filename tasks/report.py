@@ -285,7 +285,7 @@ def _summary(
     ft = rp.finetune
     rule = (
         f"strategy=auto: <= {ft.auto_head_max} labels/class -> head, <= {ft.auto_last_k_max} -> "
-        "last_k, more -> full"
+        f"last_k, more -> {ft.auto_above}"
         if ft.strategy == "auto"
         else None
     )

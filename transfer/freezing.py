@@ -19,8 +19,11 @@ from transfer.models import TransferNet, is_frozen
 STRATEGIES = ("head", "last_k", "full", "gradual")
 
 
-def choose_strategy(labels_per_class: int, head_max: int, last_k_max: int) -> tuple[str, str]:
-    """``auto``: <= head_max labels/class -> head, <= last_k_max -> last_k, more -> full."""
+def choose_strategy(
+    labels_per_class: int, head_max: int, last_k_max: int, above: str = "full",
+) -> tuple[str, str]:
+    """``auto``: <= head_max labels/class -> head, <= last_k_max -> last_k, more -> ``above``
+    (``full``, or ``gradual``: unfreeze from the top, one block at a time)."""
     if head_max > last_k_max:
         raise TransferError(
             f"auto_head_max={head_max} must not exceed auto_last_k_max={last_k_max}"
@@ -35,6 +38,11 @@ def choose_strategy(labels_per_class: int, head_max: int, last_k_max: int) -> tu
         return "last_k", (
             f"{head_max} < {k} labels/class <= auto_last_k_max={last_k_max}: enough to adapt "
             "the last block(s) on top of the frozen early layers"
+        )
+    if above == "gradual":
+        return "gradual", (
+            f"{k} labels/class > auto_last_k_max={last_k_max}: enough labels to adapt every layer, "
+            "unfrozen gradually from the top (auto_above=gradual)"
         )
     return "full", (
         f"{k} labels/class > auto_last_k_max={last_k_max}: plenty of labels, so fine-tune "

@@ -150,7 +150,7 @@ def resolve_strategy(params: Params) -> tuple[str, str]:
     ft = params.finetune
     if ft.strategy != "auto":
         return ft.strategy, f"strategy={ft.strategy} set in params"
-    return freezing.choose_strategy(ft.labels_per_class, ft.auto_head_max, ft.auto_last_k_max)
+    return freezing.choose_strategy(ft.labels_per_class, ft.auto_head_max, ft.auto_last_k_max, ft.auto_above)
 
 
 def _freeze_and_groups(model: TransferNet, strategy: str, params: Params) -> list[dict]:

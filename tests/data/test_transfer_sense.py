@@ -64,9 +64,29 @@ def test_require_transfer_sense_stops_the_run_and_says_why(grey_to_rgb: Path, tm
     assert "compatible_channels" in str(info.value) and "(grey)" in str(info.value)
 
 
+def _image_tree(root: Path, classes: tuple[str, ...], per_class: int, mode: str) -> Path:
+    """Real (decodable) images: the CLI prepares the data the params name before validating."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in classes:
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            shape = (8, 8) if mode == "L" else (8, 8, 3)
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(root / label / f"{i}.png")
+    return root
+
+
 def test_cli_prints_the_checks_before_stopping(grey_to_rgb: Path, tmp_path: Path):
     params_file = tmp_path / "params.yaml"
     dump = strict(grey_to_rgb).dump()
+    dump["data"]["root"] = str(tmp_path / "data")
+    trees = {"source": _image_tree(tmp_path / "in" / "source", tuple("0123456789"), 50, "L"),
+             "target": _image_tree(tmp_path / "in" / "target", ("circle", "square", "triangle"), 16, "RGB")}
+    for name, tree in trees.items():
+        dump["data"][name].update(kind="imagefolder", path=str(tree))
+    dump["data"]["target"]["test_size"] = 0.3
     params_file.write_text(yaml.safe_dump(dump, sort_keys=False))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(
@@ -78,7 +98,7 @@ def test_cli_prints_the_checks_before_stopping(grey_to_rgb: Path, tmp_path: Path
     assert "Does transfer make sense?" in proc.stdout
     assert "WARN compatible_channels: source channels [1] (grey)" in proc.stdout
     assert "INFO class_overlap: 0 of 3 target classes" in proc.stdout
-    (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]  # + the "preparing" note
     assert line.startswith("error: Data validation failed") and "compatible_channels" in line
     assert "Traceback" not in proc.stderr
 
