@@ -137,6 +137,7 @@ class FinetuneParams(OptimParams):
     # Chosen on the VALIDATION split (benchmarks/transfer_gain.py, 5 seeds, k = 1, 5, 10, 20):
     # head ranks last at every k, last_k first at k = 1, gradual first at k >= 5 (full never
     # first). Raise auto_head_max when the body is big and the data tiny.
+    auto_head_max: int = Field(0, ge=0, description="auto: <= this many labels/class -> head")
     auto_last_k_max: int = Field(1, ge=1, description="auto: <= this -> last_k, above -> auto_above")
     auto_above: Literal["full", "gradual"] = "gradual"
     l2sp_alpha: float = Field(0.01, ge=0)
