@@ -345,7 +345,7 @@ def _print_mapping(title: str, data: dict[str, Any]) -> None:
         if isinstance(value, float):
             value = f"{value:.4f}"
         table.add_row(escape(str(key)), escape(str(value)))
-    console.print(table)
+    Console(width=max(console.width, 120)).print(table)  # the CI and p lines fit on one row each
 
 
 # Offline machines: no usage telemetry from the libraries (each would log a network error);
