@@ -273,6 +273,11 @@ def _bool(value: Any) -> bool | None:
     return {"true": True, "false": False}.get(str(value).lower())
 
 
+def _interval(metrics: dict[str, float], key: str) -> list[float] | None:
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    return None if low is None or high is None else [low, high]
+
+
 def _summary(
     run: Run, recorded: dict[str, Any], children: dict[str, Run], rp: Params
 ) -> dict[str, Any]:
@@ -297,6 +302,12 @@ def _summary(
             recorded.get("scratch_accuracy", metrics.get("scratch_test_accuracy"))
         ),
         "gain": _float(recorded.get("gain", metrics.get("transfer_gain"))),
+        # 95% intervals (Wilson; paired bootstrap for the gain) and McNemar's p, as logged
+        "transfer_accuracy_ci": _interval(metrics, "test_accuracy"),
+        "scratch_accuracy_ci": _interval(metrics, "scratch_test_accuracy"),
+        "gain_ci": _interval(metrics, "transfer_gain"),
+        "gain_p_value": metrics.get("transfer_gain_p_value"),
+        "gain_verdict": tags.get("transfer_verdict"),
         "negative_transfer_margin": rp.evaluate.negative_transfer_margin,
         "strategy": strategy or tags.get("finetune.strategy"),
         "strategy_reason": reason,

@@ -46,6 +46,7 @@ import numpy as np
 
 # summaries and sense checks live in transfer.checks (shared with validation); re-exported
 from transfer.checks import dataset_summary, transfer_sense_checks  # noqa: F401
+from transfer.stats import format_p
 from transfer.config import Params, Strategy
 from transfer.errors import TransferError
 
@@ -548,7 +549,10 @@ def _f(value: Any, digits: int = 3, sign: bool = False) -> str:
 
 
 def negative_transfer(summary: Mapping[str, Any]) -> bool | None:
-    """``gain < -margin``; None when there is no scratch baseline to compare with."""
+    """Scratch significantly better on the paired test (the run's verdict); runs without one:
+    ``gain < -margin``. None when there is no scratch baseline to compare with."""
+    if summary.get("gain_verdict"):
+        return str(summary["gain_verdict"]).startswith("negative transfer")
     gain = summary.get("gain")
     if gain is None:
         t, s = summary.get("transfer_accuracy"), summary.get("scratch_accuracy")
@@ -556,6 +560,14 @@ def negative_transfer(summary: Mapping[str, Any]) -> bool | None:
             return None
         gain = float(t) - float(s)
     return float(gain) < -float(summary.get("negative_transfer_margin") or 0.0)
+
+
+def _ci(interval: Sequence[float] | None, sign: bool = False) -> str:
+    """`` [0.941, 0.969]``: a 95% interval after a figure (empty for runs that logged none)."""
+    if not interval:
+        return ""
+    fmt = "{:+.3f}" if sign else "{:.3f}"
+    return html.escape(f" [{fmt.format(interval[0])}, {fmt.format(interval[1])}]")
 
 
 def _gain(summary: Mapping[str, Any]) -> float | None:
@@ -669,9 +681,11 @@ def _summary_html(data: Mapping[str, Any]) -> str:
     version = f"v{s['model_version']}" if s.get("model_version") not in (None, "") else "n/a"
     cards = "".join(
         [
-            _card("transfer accuracy", _e(s.get("transfer_accuracy"))),
-            _card("scratch accuracy", _e(s.get("scratch_accuracy"))),
-            _card("gain over scratch", html.escape(_f(gain, sign=True)), gain_cls),
+            _card("transfer accuracy", _e(s.get("transfer_accuracy")) + _ci(s.get("transfer_accuracy_ci"))),
+            _card("scratch accuracy", _e(s.get("scratch_accuracy")) + _ci(s.get("scratch_accuracy_ci"))),
+            _card("gain over scratch", html.escape(_f(gain, sign=True)) + _ci(s.get("gain_ci"), sign=True)
+                  + (f" p = {html.escape(format_p(s['gain_p_value']))}" if s.get("gain_p_value") is not None else ""),
+                  gain_cls),
             _card("strategy", _e(s.get("strategy"))),
             _card("labels per class", _e(s.get("labels_per_class"))),
             _card(
@@ -703,10 +717,18 @@ def _summary_html(data: Mapping[str, Any]) -> str:
             '<div class="banner note">No scratch baseline recorded: '
             "the transfer gain is unknown.</div>"
         )
+    elif s.get("gain_verdict") and s["gain_verdict"] != "significant gain":
+        banner = (
+            f'<div class="banner note">{html.escape(str(s["gain_verdict"]).capitalize())}: '
+            f"{html.escape(_f(gain, sign=True))}{_ci(s.get('gain_ci'), sign=True)} test accuracy over the "
+            "same budget trained from scratch (paired on the same test images).</div>"
+        )
     else:
         banner = (
-            f'<div class="banner good">Transfer helped: {html.escape(_f(gain, sign=True))} '
-            "test accuracy over the same budget trained from scratch.</div>"
+            f'<div class="banner good">Transfer helped: {html.escape(_f(gain, sign=True))}'
+            f"{_ci(s.get('gain_ci'), sign=True)} test accuracy over the same budget trained from scratch"
+            + (f" (significant: McNemar p = {html.escape(format_p(s['gain_p_value']))})"
+               if s.get("gain_p_value") is not None else "") + ".</div>"
         )
     extra = []
     if s.get("promotion_reason"):

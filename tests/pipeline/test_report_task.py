@@ -97,6 +97,11 @@ def test_report_for_run_reads_the_run_sweeps_and_logs(tmp_path: Path, monkeypatc
     ):
         assert f'<section id="{anchor}">' in text
     assert run_id in text and summary["source_weights_sha256"] in text
+    from mlflow.tracking import MlflowClient as _Client
+
+    logged = _Client().get_run(run_id).data.metrics  # the summary cards carry the 95% intervals
+    assert f"[{logged['test_accuracy_ci_low']:.3f}, {logged['test_accuracy_ci_high']:.3f}]" in text
+    assert f"[{logged['transfer_gain_ci_low']:+.3f}, {logged['transfer_gain_ci_high']:+.3f}]" in text
     assert len(re.findall(r'<img src="data:image/png;base64,', text)) == 4  # curve, 2 confusions, calibration
     assert re.search(r"\d\.\d{3} before, <b>\d\.\d{3}</b> after temperature scaling", text)
     assert "k=1000 skipped" in text and html.escape(summary["strategy_reason"]) in text  # why auto chose it

@@ -175,3 +175,13 @@ def test_auto_rule_at_the_boundaries(labels: int, expected: str) -> None:
 def test_auto_rule_rejects_inverted_thresholds() -> None:
     with pytest.raises(TransferError, match="must not exceed"):
         choose_strategy(5, head_max=60, last_k_max=50)
+
+
+def test_auto_defaults_follow_the_validation_ranking() -> None:
+    """Defaults (from the benchmark's val ranking): last_k at k <= 1, gradual above."""
+    from transfer.config import FinetuneParams
+
+    ft = FinetuneParams()
+    pick = {k: choose_strategy(k, ft.auto_head_max, ft.auto_last_k_max, ft.auto_above)[0] for k in (1, 5, 50)}
+    assert pick == {1: "last_k", 5: "gradual", 50: "gradual"}
+    assert choose_strategy(50, 0, 1, "full")[0] == "full"

@@ -350,7 +350,7 @@ def test_sample_efficiency_sweeps_k_per_strategy_and_caches(tiny_target, tmp_pat
     assert set(curves["scratch"]) == set(curves["head"]) == {1, 4}
     assert all(0.0 <= acc <= 1.0 for c in curves.values() for acc in c.values())
     assert any("k=50 skipped" in n for n in curves.notes)
-    assert params.finetune.labels_per_class == 10 and params.finetune.epochs == 2  # not mutated
+    assert params.finetune.labels_per_class == 5 and params.finetune.epochs == 2  # not mutated (default k)
     results = sorted(work.glob("*/result.json"))
     assert len(results) == 4
     assert json.loads(results[0].read_text())["epochs"] == 1
