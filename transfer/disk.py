@@ -33,7 +33,8 @@ def payload_nbytes(payload: Any) -> int:
 def is_disk_full(error: BaseException) -> bool:
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(error, RuntimeError) and any(s in str(error).lower() for s in _TORCH_WRITE_FAILED)
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILED)
 
 
 def _remove(path: Path) -> None:
