@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,21 @@ def write_yaml(path: Path, data: dict) -> Path:
 
     path.write_text(yaml.safe_dump(params_from_dict(data).dump(), sort_keys=False))
     return path
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str = "1m") -> Iterator[bool]:
+    """Mount a ``size``-limited tmpfs at ``path`` (a real full disk); yields False where
+    mounting is not allowed (not root, or a container without CAP_SYS_ADMIN)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = shutil.which("mount") is not None and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    ).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def run(cmd: list[str], cwd: Path) -> str:

@@ -18,6 +18,10 @@ class DataError(TransferError):
     """A dataset problem: missing root, unreadable image, empty class, bad split."""
 
 
+class DiskFullError(TransferError):
+    """No space left where weights, checkpoints or caches are written (``transfer.disk``)."""
+
+
 def __getattr__(name: str) -> Any:
     # ConfigError lives in transfer.config (which imports this module), so it is
     # re-exported lazily to avoid an import cycle.
@@ -28,4 +32,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ConfigError", "DataError", "TransferError"]
+__all__ = ["ConfigError", "DataError", "DiskFullError", "TransferError"]

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from transfer import fingerprint
 from transfer.data import ImageTensors, to_float
+from transfer.disk import guard_disk_full
 from transfer.errors import TransferError
 from transfer.train import EpochStats, autocast_for, seed_everything
 
@@ -122,7 +123,8 @@ class FeatureCache:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=self.cache_dir)
         os.close(fd)
         try:
-            torch.save({"format": FORMAT_VERSION, "key": key, "features": feats.contiguous()}, tmp)
+            with guard_disk_full(tmp, feats, setting="data.root"):  # the cache lives under data/
+                torch.save({"format": FORMAT_VERSION, "key": key, "features": feats.contiguous()}, tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

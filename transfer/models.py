@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from transfer.disk import guard_disk_full
 from transfer.errors import TransferError
 
 StateDict = Mapping[str, Tensor]
@@ -410,7 +411,8 @@ def save_model_dir(model: TransferNet, directory: str | Path, meta: dict[str, An
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _write_model_files(model, tmp, meta)
+        with guard_disk_full(tmp, model.state_dict()):
+            _write_model_files(model, tmp, meta)
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from transfer import distributed, fingerprint
 from transfer.config import OptimParams, RuntimeParams
 from transfer.data import ImageTensors, random_shift, to_float
+from transfer.disk import guard_disk_full
 from transfer.errors import TransferError
 
 log = logging.getLogger(__name__)
@@ -426,7 +427,8 @@ def fit(
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     # Write then rename, so a crash during the save keeps the previous checkpoint intact.
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    with guard_disk_full(tmp, state):
+        torch.save(state, tmp)
     os.replace(tmp, path)
 
 

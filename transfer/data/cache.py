@@ -19,6 +19,7 @@ from transfer import fingerprint
 from transfer.data.images import decode_image
 from transfer.data.manifest import SPLITS, UNLABELLED, class_names, manifest_sha256, read_manifest
 from transfer.data.tensors import UNLABELLED_INDEX, ImageTensors
+from transfer.disk import guard_disk_full
 from transfer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def _write_disk(path: Path, data: ImageTensors) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     blob = {"images": data.images, "labels": data.labels, "classes": list(data.classes)}
-    torch.save(blob, tmp)
+    with guard_disk_full(tmp, blob, setting="data.root"):  # the cache lives beside the data
+        torch.save(blob, tmp)
     os.replace(tmp, path)  # atomic: readers never see a half-written cache
 
 
