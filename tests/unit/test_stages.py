@@ -63,7 +63,7 @@ def test_auto_strategy_explains_itself(tiny) -> None:
     p = params.model_copy(deep=True)
     p.finetune.strategy = "auto"
     strategy, reason = stages.resolve_strategy(p)
-    assert strategy in {"head", "last_k", "full"} and str(p.finetune.labels_per_class) in reason
+    assert strategy == "gradual" and str(p.finetune.labels_per_class) in reason
 
 
 def test_evaluate_rejects_a_model_of_other_classes(tiny, tmp_path: Path) -> None:
