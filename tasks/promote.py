@@ -14,21 +14,17 @@ so two runs never both compare against the same old champion.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks import tracking
 from tasks.common import stage_task
+from tasks.stage_io import downloaded_model_dir
 from transfer import stages, stats
 from transfer.config import Params
 from transfer.errors import TransferError
@@ -56,21 +52,6 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-
-
-@contextlib.contextmanager
-def downloaded_model_dir(uri: str) -> Iterator[Path]:
-    """The transfer model dir (model.json + model.pt) inside a registered model's artifacts,
-    in a temporary folder that is removed afterwards."""
-    tmp = tempfile.mkdtemp(prefix="champion-")
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp))
-        found = sorted(p.parent for p in local.rglob("model.json"))
-        if not found:
-            raise TransferError(f"{uri} holds no transfer model (model.json)")
-        yield found[0]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def champion_report(

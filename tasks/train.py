@@ -80,14 +80,10 @@ def _resolve_source_reference(reference: str, params: Params) -> Path:
         raise TransferError(
             f"pretrain.source_model={reference!r} is neither a model directory nor an MLflow URI"
         )
-    import mlflow
+    from tasks.stage_io import download_model_dir
 
     tracking.configure(params)
-    local = Path(mlflow.artifacts.download_artifacts(reference))
-    found = [p.parent for p in local.rglob("model.json")]
-    if not found:
-        raise TransferError(f"no transfer model (model.json) found under {reference}")
-    return found[0]
+    return download_model_dir(reference, tempfile.mkdtemp(prefix="source-"))  # kept: the run reads it
 
 
 def pretrain_source(
@@ -207,13 +203,10 @@ def _train_target(
             trained = _finished(out, kind, strategy)  # same code + inputs: the same model
             if trained is not None:
                 tracking.set_tags(client, run_id, {"reused": True, "reused_from": trained.model_dir})
-            elif kind == "finetune":
-                trained = stages.finetune(
-                    params, source["model_dir"], out, strategy=strategy, progress=False
-                )
             else:
-                trained = stages.train_scratch(params, out, progress=False)
-            _write_history(out, trained)
+                trained = (stages.finetune(params, source["model_dir"], out, strategy=strategy, progress=False)
+                           if kind == "finetune" else stages.train_scratch(params, out, progress=False))
+                _write_history(out, trained)  # marks the dir finished
             _log_trained(client, run_id, trained, f"learning_curves_{kind}.png")
             tracking.log_metrics(client, run_id, {
                 k: trained.info[k] for k in ("val_accuracy", "val_nll", "temperature", "val_ece", "val_ece_uncalibrated")
