@@ -8,12 +8,16 @@ version is tagged with the reason, quoting the paired difference, its 95% CI and
 
 Atomicity: the version is fully logged and registered before any alias moves; aliases
 move last, ``previous`` before ``champion``, so a crash at any point leaves ``champion``
-on a complete, previously approved model. A file lock serialises concurrent promotions
-so two runs never both compare against the same old champion.
+on a complete, previously approved model. Concurrent promotions are serialised so two runs
+never both compare against the same old champion: a file lock beside the store (one
+machine) and, when a Prefect API is configured, a Prefect global concurrency limit of 1
+held on the server (any number of machines).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +43,62 @@ class Gate:
     detail: str
 
 
-def _lock(params: Params) -> FileLock:
+LOCK_TIMEOUT_S = 600
+
+
+def _file_lock(params: Params) -> FileLock:
     """Serialises promotions and rollbacks of one model on one local store (runs started
     from any directory). Against a tracking server it only covers runs on this machine."""
     folder = tracking.store_dir(tracking.tracking_uri(params))
     folder.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(folder / f".promote-{params.model_name()}.lock"), timeout=600)
+    return FileLock(str(folder / f".promote-{params.model_name()}.lock"), timeout=LOCK_TIMEOUT_S)
+
+
+def concurrency_limit_name(model_name: str) -> str:
+    return f"promote-{model_name}"
+
+
+def prefect_api_url() -> str | None:
+    """The configured Prefect API, or None for the temporary local one (``transfer run``
+    without ``PREFECT_API_URL``), which no other machine shares."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url
+
+
+def _ensure_limit(name: str) -> None:
+    """A global concurrency limit of 1 slot, created on first use (idempotent)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass  # another machine created it meanwhile
+
+
+@contextlib.contextmanager
+def _lock(params: Params) -> Iterator[str]:
+    """Held while a promotion or rollback reads and moves aliases; yields how it is held.
+
+    The server-side slot is taken first, then the file lock (same order everywhere: no
+    deadlock). The slot's lease expires if its holder dies, so a crash frees it."""
+    with contextlib.ExitStack() as stack:
+        held = "file lock"
+        if prefect_api_url():
+            from prefect.concurrency.sync import concurrency
+
+            name = concurrency_limit_name(params.model_name())
+            _ensure_limit(name)
+            stack.enter_context(concurrency(name, occupy=1, timeout_seconds=LOCK_TIMEOUT_S, strict=True))
+            held = f"prefect concurrency limit {name} + file lock"
+        stack.enter_context(_file_lock(params))
+        yield held
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> Any | None:
@@ -147,7 +201,7 @@ def promote_model(
         "git_commit": tracking.git_commit(),
         "pipeline_run_id": parent_run_id,
     }
-    with _lock(params):
+    with _lock(params) as held:
         version = _register(params, tuned, tags)
         champion = alias_version(client, name, CHAMPION)
         champ_report, note, versus = None, "", None
@@ -174,6 +228,7 @@ def promote_model(
         "champion_accuracy": champ_report["accuracy"] if champ_report else None,
         "versus_champion": versus.to_json() if versus else None,
         "gates": [asdict(g) for g in gates],
+        "serialised_by": held,
     }
     tracking.log_json(client, parent_run_id, decision, "promotion/decision.json")
     tracking.set_tags(

@@ -50,7 +50,7 @@ def find_pipeline_run(client: MlflowClient, params: Params, run_id: str | None =
             run = client.get_run(run_id)
         except MlflowException:
             raise TransferError(
-                f"no MLflow run {run_id!r} in {tracking.tracking_uri(params)}"
+                f"no MLflow run {run_id!r} in {tracking.redact(tracking.tracking_uri(params))}"
             ) from None
         if run.data.tags.get("stage") == "pipeline":
             return run
@@ -70,7 +70,7 @@ def find_pipeline_run(client: MlflowClient, params: Params, run_id: str | None =
     if not runs:
         raise TransferError(
             f"no finished pipeline run in experiment {params.runtime.experiment!r} at "
-            f"{tracking.tracking_uri(params)}: run `transfer run` first, or pass --run-id"
+            f"{tracking.redact(tracking.tracking_uri(params))}: run `transfer run` first, or pass --run-id"
         )
     return runs[0]
 

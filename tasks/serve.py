@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from tasks.tracking import redact
 from transfer.config import Params
 from transfer.errors import DataError, TransferError
 
@@ -197,14 +198,6 @@ def resolve_model(tracking_uri: str, uri: str) -> tuple[str, str]:
             "run the pipeline (or promote) first, or check the name/version"
         ) from None
     return version_uri(name, version), f"version {version}"
-
-
-def redact(uri: str) -> str:
-    """A URI fit for a log line: ``user:password@`` replaced by ``***@``."""
-    parts = urllib.parse.urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def is_loopback(host: str) -> bool:

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,15 @@ def tracking_uri(params: Params) -> str:
         return uri
     Path(MLRUNS).mkdir(exist_ok=True)
     return f"sqlite:///{Path(MLRUNS).resolve() / 'mlflow.db'}"
+
+
+def redact(uri: str) -> str:
+    """A URI fit for a log line or an error: ``user:password@`` replaced by ``***@``
+    (a postgresql:// store or an http://user:pw@ server URI must not leak its password)."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def store_dir(uri: str) -> Path:
@@ -80,9 +90,13 @@ def _store_uri(params: Params) -> str:
 
 
 def _store_error(uri: str, error: BaseException) -> TransferError:
-    reason = " ".join(str(error).split())[:300]
+    reason = " ".join(str(error).split())
+    password = urllib.parse.urlsplit(uri).password
+    if password:  # the driver's message may quote the URI it was given
+        reason = reason.replace(password, "***")
+    reason = reason[:300]
     return TransferError(
-        f"MLflow tracking store {uri} cannot be opened ({type(error).__name__}: {reason}); "
+        f"MLflow tracking store {redact(uri)} cannot be opened ({type(error).__name__}: {reason}); "
         "set MLFLOW_TRACKING_URI (or runtime.tracking_uri) to a writable sqlite:///path "
         "or a reachable tracking server")
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import ast
 import http.server
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import tomllib
 from pathlib import Path
@@ -239,7 +241,11 @@ def test_compose_services_and_wiring() -> None:
     assert services["prefect-server"]["command"][:3] == ["prefect", "server", "start"]
     assert "0.0.0.0" in services["prefect-server"]["command"]
     mlflow_cmd = " ".join(services["mlflow"]["command"])
-    assert "--backend-store-uri=sqlite:///" in mlflow_cmd and "--artifacts-destination" in mlflow_cmd
+    assert "--serve-artifacts" in mlflow_cmd and "--artifacts-destination" in mlflow_cmd
+    assert "--app-name=basic-auth" in mlflow_cmd
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
+    assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
+        "postgresql+asyncpg://")
     worker = services["gpu-worker"]
     assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
@@ -273,12 +279,26 @@ def compose_cli() -> list[str] | None:
     return None
 
 
+def example_env(fill: str = "example-secret-value") -> dict[str, str]:
+    """The variables .env.example declares, empty ones filled with ``fill``."""
+    pairs = [line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+             if "=" in line and not line.lstrip().startswith("#")]
+    return {key.strip(): value.strip() or fill for key, value in pairs}
+
+
+def compose(cli: list[str], env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """The compose CLI on docker-compose.yml with exactly ``env`` (plus PATH/HOME): an empty
+    env file, so a developer's .env never decides the result."""
+    base = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
+    with tempfile.NamedTemporaryFile("w", suffix=".env") as empty:
+        return subprocess.run([*cli, "-f", str(REPO / "docker-compose.yml"), "--env-file", empty.name,
+                               "--project-directory", str(REPO), *args],
+                              capture_output=True, text=True, cwd=REPO, timeout=120, env={**base, **env})
+
+
 def test_docker_compose_config_passes() -> None:
     cli = compose_cli()
     if cli is None:
         pytest.skip("no docker compose CLI here")
-    proc = subprocess.run(
-        [*cli, "-f", str(REPO / "docker-compose.yml"), "config", "-q"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )
+    proc = compose(cli, example_env(), "config", "-q")
     assert proc.returncode == 0, proc.stdout + proc.stderr
