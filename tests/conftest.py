@@ -74,21 +74,26 @@ def run(cmd: list[str], cwd: Path) -> str:
     return proc.stdout
 
 
-@pytest.fixture
-def dvc_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh git + DVC repo holding the project's dvc.yaml and tiny params, as cwd."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
+def init_workspace(repo: Path, dvc_remote: Path, params: dict) -> Path:
+    """A fresh git + DVC repo at ``repo`` holding the project's dvc.yaml, code and ``params``."""
+    repo.mkdir(parents=True)
     run(["git", "init", "-q"], repo)
     run(["git", "config", "user.email", "ci@example.com"], repo)
     run(["git", "config", "user.name", "ci"], repo)
     run([str(BIN / "dvc"), "init", "-q"], repo)
-    run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(tmp_path / "dvc-remote")], repo)
+    run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(dvc_remote)], repo)
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     # dvc.yaml deps name source folders of the project: mirror them so `dvc repro` resolves.
     for package in ("transfer", "tasks"):
         shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
-    write_yaml(repo / "params.yaml", TINY_PARAMS)
+    write_yaml(repo / "params.yaml", params)
+    return repo
+
+
+@pytest.fixture
+def dvc_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh git + DVC repo holding the project's dvc.yaml and tiny params, as cwd."""
+    repo = init_workspace(tmp_path / "repo", tmp_path / "dvc-remote", TINY_PARAMS)
     monkeypatch.chdir(repo)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

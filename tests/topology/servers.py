@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import BIN, REPO, TINY_PARAMS, write_yaml
+from tests.conftest import BIN, REPO, TINY_PARAMS, init_workspace
 from tests.pipeline.test_prefect_server import _free_port, _healthy, _start, _stop, _tail
 
 START_TIMEOUT_S = 300  # MLflow's auth app on a busy 2-core machine: 80 s and more
@@ -38,6 +38,7 @@ TOPOLOGY_PARAMS = {
     "pretrain": {**TINY_PARAMS["pretrain"], "epochs": 2},
     "finetune": {**TINY_PARAMS["finetune"], "epochs": 3, "seeds": 1, "scratch_baseline": False},
     "promote": {**TINY_PARAMS["promote"], "require_beats_scratch": False},
+    "runtime": {**TINY_PARAMS["runtime"], "num_threads": 1},  # two runs, two cores: no oversubscription
 }
 RUN_TIMEOUT_S = 900
 
@@ -137,6 +138,26 @@ def postgres_cluster(databases: tuple[str, ...]) -> Iterator[Postgres]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@contextmanager
+def _daemon(proc: subprocess.Popen, server: Any, base_url: str, started: float, wait: bool,
+            then: Any = None) -> Iterator[None]:
+    """Give ``server`` its ``wait_ready()`` (``base_url``/health answers, then ``then()``),
+    call it unless ``wait`` is False, and stop ``proc`` at exit whatever happens."""
+    def ready() -> None:
+        wait_until(lambda: _healthy(base_url), proc, server.log, type(server).__name__)
+        server.started_s = time.monotonic() - started
+        if then is not None:
+            then()
+
+    server.wait_ready = ready
+    try:
+        if wait:
+            ready()
+        yield
+    finally:
+        _stop(proc)
+
+
 # ---------------------------------------------------------------- MLflow (basic-auth)
 @dataclass
 class MlflowServer:
@@ -154,14 +175,6 @@ class MlflowServer:
         if user is not None:
             env.update(MLFLOW_TRACKING_USERNAME=user[0], MLFLOW_TRACKING_PASSWORD=user[1])
         return env
-
-
-def _mlflow_healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
 
 
 def basic_auth_ini(path: Path, database_uri: str) -> Path:
@@ -199,18 +212,8 @@ def mlflow_server(backend_uri: str, auth_db_uri: str, workdir: Path, wait: bool 
                    "--artifacts-destination", str(server.artifacts),
                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                   server.log, cwd=workdir, env=env)
-    def ready() -> None:
-        wait_until(lambda: _mlflow_healthy(server.url), proc, server.log, "mlflow server")
-        server.started_s = time.monotonic() - started
-        create_mlflow_user(server, *server.pipeline)
-
-    server.wait_ready = ready
-    try:
-        if wait:
-            ready()
+    with _daemon(proc, server, server.url, started, wait, lambda: create_mlflow_user(server, *server.pipeline)):
         yield server
-    finally:
-        _stop(proc)
 
 
 def create_mlflow_user(server: MlflowServer, username: str, password: str) -> None:
@@ -266,17 +269,8 @@ def prefect_server(database_url: str, workdir: Path, wait: bool = True) -> Itera
     started = time.monotonic()
     proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
                    "--no-ui"], server.log, cwd=workdir, env=env)
-    def ready() -> None:
-        wait_until(lambda: _healthy(server.api_url), proc, server.log, "prefect server")
-        server.started_s = time.monotonic() - started
-
-    server.wait_ready = ready
-    try:
-        if wait:
-            ready()
+    with _daemon(proc, server, server.api_url, started, wait):
         yield server
-    finally:
-        _stop(proc)
 
 
 def clean_env() -> dict[str, str]:
@@ -309,27 +303,10 @@ class Machine:
         return out
 
 
-def init_workspace(repo: Path, dvc_remote: Path, params: dict[str, Any] | None = None) -> Path:
-    """A git + DVC repo holding the project's dvc.yaml, code and tiny params."""
-    from tests.conftest import run
-
-    repo.mkdir(parents=True)
-    run(["git", "init", "-q"], repo)
-    run(["git", "config", "user.email", "ci@example.com"], repo)
-    run(["git", "config", "user.name", "ci"], repo)
-    run([str(BIN / "dvc"), "init", "-q"], repo)
-    run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(dvc_remote)], repo)
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    for package in ("transfer", "tasks"):  # dvc.yaml's deps name them
-        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
-    write_yaml(repo / "params.yaml", params or TOPOLOGY_PARAMS)
-    return repo
-
-
 def machine(root: Path, mlflow: MlflowServer, prefect: PrefectServer,
             extra_env: dict[str, str] | None = None) -> Machine:
     """A workspace at ``root`` whose runs talk only to the shared servers, as the pipeline user."""
-    init_workspace(root, root.parent / f"{root.name}-dvc-remote")
+    init_workspace(root, root.parent / f"{root.name}-dvc-remote", TOPOLOGY_PARAMS)
     env = {**clean_env(), **mlflow.client_env(mlflow.pipeline), **prefect.client_env(),
            "PREFECT_HOME": str(root.parent / f"{root.name}-prefect-home"),
            "PYTHONPATH": str(REPO), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",

@@ -74,9 +74,11 @@ def _prefect_logs(prefect: PrefectServer) -> str:
     return "\n".join(lines)
 
 
-def _files_text(*roots: Path) -> str:
-    return "\n".join(p.read_bytes().decode("latin-1") for root in roots if root.exists()
-                     for p in root.rglob("*") if p.is_file() and ".git" not in p.parts)
+def _files_text(*paths: Path) -> str:
+    """The bytes of every file at or under ``paths`` (git's object store aside), as text."""
+    files = [p for path in paths for p in ([path] if path.is_file() else path.rglob("*"))
+             if p.is_file() and ".git" not in p.parts]
+    return "\n".join(p.read_bytes().decode("latin-1") for p in files)
 
 
 def test_two_machines_run_promote_and_serve_through_the_authenticated_servers(
