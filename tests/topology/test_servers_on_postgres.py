@@ -22,9 +22,10 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO
 from tests.topology.servers import (
-    MODEL_NAME, Machine, MlflowServer, PrefectServer, check_serialised_promotions, clean_env,
-    create_mlflow_user, decision_of, http_json, machine, tracked_text,
+    MODEL_NAME, MlflowServer, PrefectServer, check_serialised_promotions, clean_env, decision_of, http_json,
+    machine, tracked_text,
 )
+from tasks.mlflow_users import ensure_user
 from tasks.promote import concurrency_limit_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -145,7 +146,7 @@ def test_only_authenticated_writers_register_versions_or_move_the_champion(
 ) -> None:
     name = "auth-probe"
     owner = as_user(mlflow_pg.pipeline)  # the pipeline's user creates and so owns the model
-    run = owner.create_run(owner.create_experiment(f"auth-probe-{secrets.token_hex(4)}").experiment_id)
+    run = owner.create_run(owner.create_experiment(f"auth-probe-{secrets.token_hex(4)}"))
     (tmp_path / "weights.txt").write_text("weights")
     owner.log_artifact(run.info.run_id, str(tmp_path / "weights.txt"), "model")
     owner.create_registered_model(name)
@@ -154,7 +155,8 @@ def test_only_authenticated_writers_register_versions_or_move_the_champion(
     owner.set_registered_model_alias(name, "champion", first.version)
 
     reader = ("reader", secrets.token_urlsafe(12))
-    create_mlflow_user(mlflow_pg, *reader)
+    as_user(mlflow_pg.admin)  # tasks.mlflow_users runs as the admin, like compose's mlflow-users
+    assert ensure_user(mlflow_pg.url, *reader) and not ensure_user(mlflow_pg.url, *reader)  # idempotent
     refused = {"no credentials": (None, 401), "wrong password": ((mlflow_pg.pipeline[0], "wrong"), 401),
                "read-only user": (reader, 403)}
     for who, (user, status) in refused.items():
