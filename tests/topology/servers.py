@@ -204,11 +204,12 @@ def mlflow_server(backend_uri: str, auth_db_uri: str, workdir: Path, wait: bool 
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(basic_auth_ini(workdir / "basic_auth.ini", auth_db_uri)),
            "MLFLOW_AUTH_ADMIN_USERNAME": admin[0], "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),  # CSRF key, required
+           # the store URI holds the database password: by environment, not on the command line (ps)
+           "MLFLOW_BACKEND_STORE_URI": backend_uri,
            # the server's own artifact I/O must not read a client's credentials
            "MLFLOW_TRACKING_USERNAME": "", "MLFLOW_TRACKING_PASSWORD": ""}
     started = time.monotonic()
-    proc = _start([str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
-                   "--backend-store-uri", backend_uri, "--serve-artifacts",
+    proc = _start([str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--serve-artifacts",
                    "--artifacts-destination", str(server.artifacts),
                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                   server.log, cwd=workdir, env=env)
