@@ -68,13 +68,16 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
 
 def _resize_crop(image: Image.Image, image_size: int, resize_ratio: float) -> Image.Image:
-    """torchvision's Resize(shorter side) + CenterCrop: shorter side to image_size * ratio."""
+    """torchvision's Resize(shorter side) + CenterCrop, with its rounding: the shorter side
+    to image_size * ratio, the longer in proportion, then the centred square."""
     short = round(image_size * resize_ratio)
     width, height = image.size
-    scale = short / min(width, height)
-    size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
+    if width <= height:
+        size = (short, int(short * height / width))
+    else:
+        size = (int(short * width / height), short)
     image = image.resize(size, RESAMPLE)
-    left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+    left, top = int(round((size[0] - image_size) / 2.0)), int(round((size[1] - image_size) / 2.0))
     return image.crop((left, top, left + image_size, top + image_size))
 
 

@@ -4,9 +4,12 @@ A split is stored once, beside today's tensor cache and under the same key, as a
 ``<key>.mmap/`` holding ``images.npy`` (uint8 (N, C, S, S), written in chunks by plain
 sequential writes, so the writer never holds more than one chunk), ``labels.npy`` and
 ``classes.json``. It is built under a temporary name and renamed into place: a reader
-never sees half a split. Reads map the file for the one batch they copy out
-(``np.load(mmap_mode="r")``) and drop the mapping, so the pages of a split never pile up
-in the process's resident memory, however many batches an epoch reads.
+never sees half a split. The file is a plain ``.npy`` (``np.load(path, mmap_mode="r")``
+maps it); batches are read with ``os.preadv`` straight into the batch buffer rather than
+through a mapping: a page fault on a mapping pulls whole page-cache folios into the
+process's resident set (measured here: 64 random rows of a 147 MB file added 85 MB of
+RSS), while a read copies exactly the rows asked for, so resident memory stays at the
+batches in flight however large the split.
 
 ``MappedImages`` stands in for the images tensor of an ``ImageTensors``: it has the
 shape, dtype and indexing (which returns a plain tensor of the rows asked for) that the
@@ -16,6 +19,8 @@ training and evaluation code uses, and ``batch_loader`` streams index batches th
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import shutil
@@ -43,9 +48,16 @@ class MappedImages:
 
     def __init__(self, path: str | Path, rows: np.ndarray | None = None, memory_bytes: int = 0) -> None:
         self.path = Path(path)
-        header = np.load(self.path, mmap_mode="r")
-        self._full_shape = tuple(int(d) for d in header.shape)
-        del header
+        with open(self.path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(handle)
+            self._offset = handle.tell()  # where row 0 starts
+        if dtype != np.uint8 or fortran or len(shape) != 4:
+            raise ValueError(f"{self.path}: expected a C-order uint8 (N, C, H, W) array")
+        self._full_shape = tuple(int(d) for d in shape)
+        self._row_bytes = int(np.prod(self._full_shape[1:]))
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         self.memory_bytes = int(memory_bytes)
 
@@ -66,13 +78,28 @@ class MappedImages:
         index = np.asarray(index, dtype=np.int64)
         if self.rows is not None:
             index = self.rows[index]
-        array = np.load(self.path, mmap_mode="r")  # mapped for this read only
-        if len(index) and np.all(np.diff(index) == 1):
-            out = np.array(array[index[0] : index[-1] + 1])  # contiguous: one sequential read
-        else:
-            out = array[index]  # fancy indexing copies
-        del array
+        out = np.empty((len(index), *self._full_shape[1:]), dtype=np.uint8)
+        if len(index) and (index.min() < 0 or index.max() >= self._full_shape[0]):
+            raise IndexError(f"row index out of range for {self._full_shape[0]} images")
+        flat = out.reshape(len(index), self._row_bytes)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            if len(index) and np.all(np.diff(index) == 1):  # contiguous: one sequential read
+                self._read_into(fd, memoryview(out.reshape(-1)), int(index[0]))
+            else:
+                for j, row in enumerate(index.tolist()):
+                    self._read_into(fd, memoryview(flat[j]), row)
+        finally:
+            os.close(fd)
         return torch.from_numpy(out)
+
+    def _read_into(self, fd: int, buffer: memoryview, row: int) -> None:
+        offset, done = self._offset + row * self._row_bytes, 0
+        while done < len(buffer):  # preadv may return short
+            got = os.preadv(fd, [buffer[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"{self.path}: file ends before row {row}")
+            done += got
 
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray | Tensor) -> Tensor:
         if isinstance(key, int):
@@ -154,6 +181,22 @@ def read_split(folder: Path, memory_bytes: int) -> tuple[MappedImages, Tensor, l
 # --------------------------------------------------------------------------- batches
 
 
+@functools.cache
+def bound_heap() -> None:
+    """glibc: allocations of 1 MB and more come from mmap and go back to the OS when freed.
+
+    By default glibc raises that threshold as big blocks are freed, and then serves the
+    per-batch tensors (uint8 batch, its float copy) from the heap, where their alternation
+    fragments it: streaming 12,000 mapped 64 px images grew resident memory by ~200 MB,
+    flat with this setting. Process-wide, set once, only when a mapped split is read.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+
 class _Batches(Dataset):
     """Item ``i`` of a DataLoader over a list of index batches: batch ``i``'s images and labels."""
 
@@ -179,6 +222,7 @@ def batch_loader(
 ) -> DataLoader:
     """Yield (uint8 images, labels) per index batch, in order, read by ``workers`` processes."""
     workers = default_workers() if workers is None else workers
+    bound_heap()
     return DataLoader(
         _Batches(images, labels, [b.cpu() for b in batches]), batch_size=None, shuffle=False,
         num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
