@@ -251,18 +251,25 @@ def main() -> None:
         return
     started, load_before = time.perf_counter(), [round(v, 2) for v in os.getloadavg()]
     rows: list[dict] = []
+
+    def save() -> None:  # after every size: an interrupted run keeps what it measured
+        import torch
+
+        meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, "
+                           f"torch {torch.__version__}",
+                "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
+                "seconds": time.perf_counter() - started, "sizes": args.sizes, "resnet_n": args.resnet_n}
+        write_results(rows, meta)
+
     with tempfile.TemporaryDirectory(prefix="scale-", dir=os.environ.get("SCALE_TMP")) as scratch:
         for n in args.sizes:
             rows += bench_size(n, Path(scratch))
+            save()
         if args.resnet_n:
             weights = resnet_weights(Path(scratch))
-            rows += bench_size(args.resnet_n, Path(scratch), "resnet18", 224, weights, ("prepare", "decode", "epoch", "plain"))
-    import torch
-
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, torch {torch.__version__}",
-            "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
-            "seconds": time.perf_counter() - started, "sizes": args.sizes, "resnet_n": args.resnet_n}
-    write_results(rows, meta)
+            rows += bench_size(args.resnet_n, Path(scratch), "resnet18", 224, weights,
+                               ("prepare", "decode", "epoch", "plain"))
+            save()
     print((RESULTS / "scale.md").read_text())
 
 
