@@ -222,7 +222,7 @@ def finetune(
         result = fit(
             model, splits["train"], splits["val"], ft, device=device, seed=params.runtime.seed,
             param_groups=groups, callbacks=callbacks, checkpoint_dir=out / "checkpoints", distributed_data_parallel=params.runtime.distributed,
-            progress=progress, desc=f"finetune ({chosen})",
+            progress=progress, desc=f"finetune ({chosen})", loader_workers=params.data.loader_workers,
         )
         history, seconds = _history(result), result.seconds
     elif chosen == "dann":
