@@ -62,6 +62,11 @@ class DataParams(_Section):
     skip_bad_images: bool = False  # skip corrupt/non-image files with a warning instead of failing
     max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb limit")
     max_image_bytes: int = Field(50_000_000, ge=1, description="larger files are unreadable")
+    # decoded splits: held in memory up to in_memory_max_mb, memory-mapped from disk above
+    # (read in batches through a DataLoader; docs/scaling.md)
+    split_storage: Literal["auto", "memory", "mmap"] = "auto"
+    in_memory_max_mb: float = Field(1024.0, ge=0, description="auto: larger splits are memory-mapped")
+    loader_workers: int | None = Field(None, ge=0, description="mmap DataLoader workers; null: auto")
     source: SourceData = SourceData()
     target: TargetData = TargetData()
 
@@ -115,6 +120,11 @@ class OptimParams(_Section):
 class PretrainParams(OptimParams):
     arch: str = "small_cnn"
     weights: str | None = None  # local weights file or "hub" (torch hub cache); never downloaded
+    # input resolution; null: the weights entry's crop size (224) for torchvision weights,
+    # else data.image_size. Grey data on an RGB torchvision body: replicate to RGB (auto)
+    # or sum the first conv over RGB (conv).
+    input_size: int | None = Field(None, ge=8, le=1024)
+    grey_to_rgb: Literal["auto", "replicate", "conv"] = "auto"
     # Skip pretraining and start from this model dir or MLflow model URI (models:/..., runs:/...)
     source_model: str | None = None
     epochs: int = Field(6, ge=0)

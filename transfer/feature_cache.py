@@ -53,7 +53,9 @@ def data_fingerprint(data: ImageTensors) -> str:
     """SHA-256 of the images and labels: tells subsets of one split apart (e.g. k per class)."""
     digest = hashlib.sha256()
     digest.update(str(tuple(data.images.shape)).encode())
-    digest.update(data.images.cpu().contiguous().numpy().tobytes())
+    chunks = data.images.chunks() if data.mapped else [data.images]  # mapped: bounded memory
+    for chunk in chunks:
+        digest.update(chunk.cpu().contiguous().numpy().tobytes())
     digest.update(data.labels.cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
@@ -245,9 +247,12 @@ def train_head_cached(
     """Head-only fine-tuning of a ``TransferNet`` through the cache (body untouched)."""
     sha = body_sha256(model.body)
     shape = "x".join(str(s) for s in train.images.shape[1:])
+    prep = getattr(model, "preprocessing", None)  # the normalisation is outside the state_dict
+    norm = f"{prep.mean}/{prep.std}/{prep.replicate_grey}" if prep is not None and not prep.is_own else "own"
 
     def features(data: ImageTensors, split: str) -> Tensor:
-        key = feature_key(dataset_version, sha, split, shape, data_fingerprint(data)[:16])
+        key = feature_key(dataset_version, sha, split, shape, data_fingerprint(data)[:16],
+                          *([norm] if norm != "own" else []))
         return cache.get_or_compute(model.body, data, key, device)
 
     feats_val = features(val, "val") if val is not None and len(val) else None

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from transfer.disk import guard_disk_full
 from transfer.errors import TransferError
+from transfer.preprocessing import Preprocessing, from_torchvision, normaliser, torchvision_entry
 
 StateDict = Mapping[str, Tensor]
 _CHUNK = 1 << 20
@@ -34,16 +35,19 @@ _CHUNK = 1 << 20
 
 
 class Body(nn.Module):
-    """Conv stages -> global average pool -> optional neck: (B, C, H, W) -> (B, F)."""
+    """Input normalisation -> conv stages -> global average pool -> optional neck:
+    (B, C, H, W) -> (B, F). ``normalise`` is the identity for own models and the weights'
+    mean/std for torchvision bodies (``transfer.preprocessing``; not in the state_dict)."""
 
     def __init__(self, stages: OrderedDict[str, nn.Module], neck: nn.Module | None = None) -> None:
         super().__init__()
         self.stages = nn.Sequential(stages)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.neck = neck if neck is not None else nn.Identity()
+        self.normalise: nn.Module = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.stages(x)  # (B, F0, h, w)
+        x = self.stages(self.normalise(x))  # (B, F0, h, w)
         x = self.pool(x)  # (B, F0)
         return self.neck(x)  # (B, F)
 
@@ -79,6 +83,7 @@ class TransferNet(nn.Module):
         self.body = body
         self.drop = nn.Dropout(dropout)
         self.head = head if head is not None else nn.Linear(feature_dim, num_classes)
+        self.preprocessing = Preprocessing(0, in_channels)  # own; create_model sets the real one
 
     @property
     def block_names(self) -> list[str]:
@@ -320,8 +325,8 @@ def _compatible(model: TransferNet, state: dict[str, Tensor], source: str) -> di
     """Adapt the first conv, drop a source head of another shape, reject anything else."""
     own = model.state_dict()
     conv_key = _first_conv_key(model)
-    if conv_key in state:
-        state[conv_key] = adapt_conv_weight(state[conv_key], model.in_channels)
+    if conv_key in state:  # the conv's own input channels: 3 when grey is replicated to RGB
+        state[conv_key] = adapt_conv_weight(state[conv_key], own[conv_key].shape[1])
     kept, mismatched = {}, []
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
@@ -350,17 +355,55 @@ def load_weights(model: TransferNet, weights: str | Path) -> TransferNet:
     return model
 
 
+def is_torchvision_layout(state: StateDict) -> bool:
+    return not any(k.startswith(("body.", "head.")) for k in state)
+
+
+def weights_preprocessing(
+    arch: str, weights: str | Path | None, channels: int, image_size: int | None,
+    grey_to_rgb: str = "auto",
+) -> Preprocessing | None:
+    """The torchvision weights entry's preprocessing when ``weights`` is a torchvision-layout
+    file (or ``hub``) for a torchvision arch; None for no weights or a TransferNet file."""
+    if weights is None or arch not in _TORCHVISION:
+        return None
+    path = _resolve_weights(arch, weights)
+    if not is_torchvision_layout(_read_state_dict(path)):
+        return None
+    return from_torchvision(torchvision_entry(arch, path), channels, image_size, grey_to_rgb)
+
+
+def set_preprocessing(model: nn.Module, prep: Preprocessing) -> nn.Module:
+    """Give every body in ``model`` the normalisation of ``prep`` (on the model's device)."""
+    device = next(model.parameters()).device
+    for module in model.modules():
+        if isinstance(module, Body):
+            module.normalise = normaliser(prep).to(device)
+        if isinstance(module, TransferNet):
+            module.preprocessing = prep
+    return model
+
+
 def create_model(
-    arch: str, num_classes: int, in_channels: int = 1, weights: str | Path | None = None
+    arch: str, num_classes: int, in_channels: int = 1, weights: str | Path | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> TransferNet:
-    """Build ``arch`` with a fresh head of ``num_classes``; optionally load local weights."""
+    """Build ``arch`` with a fresh head of ``num_classes``; optionally load local weights.
+
+    ``preprocessing`` (default: own, at no fixed size) sets the body's input normalisation;
+    with ``replicate_grey`` a grey input feeds an RGB first conv (torchvision weights).
+    """
     if arch not in _ARCHS:
         raise TransferError(f"unknown arch {arch!r}; known archs: {', '.join(list_archs())}")
     if num_classes < 1 or in_channels < 1:
         raise TransferError(
             f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}"
         )
-    model = _ARCHS[arch](num_classes, in_channels)
+    prep = preprocessing or Preprocessing(0, in_channels)
+    conv_channels = 3 if prep.replicate_grey and in_channels == 1 else in_channels
+    model = _ARCHS[arch](num_classes, conv_channels)
+    model.in_channels = in_channels
+    set_preprocessing(model, prep)
     if weights is not None:
         load_weights(model, weights)
     return model
@@ -450,8 +493,9 @@ def _empty_model(meta: dict[str, Any]) -> nn.Module:
         from transfer.techniques.progressive import ProgressiveNet  # techniques build on models
 
         size = int(meta["image_size"])
-        return ProgressiveNet.empty(meta["arch"], int(meta["num_source_classes"]), num_classes, (in_channels, size, size))
-    return create_model(meta["arch"], num_classes, in_channels)
+        net = ProgressiveNet.empty(meta["arch"], int(meta["num_source_classes"]), num_classes, (in_channels, size, size))
+        return set_preprocessing(net, Preprocessing.from_meta(meta))
+    return create_model(meta["arch"], num_classes, in_channels, preprocessing=Preprocessing.from_meta(meta))
 
 
 def load_model_dir(directory: str | Path) -> tuple[TransferNet, dict[str, Any]]:

@@ -2,8 +2,11 @@
 
 Pure core (torch, numpy, PIL; no MLflow): the MLflow pyfunc wrapper (``tasks/pyfunc_model.py``),
 the offline ``transfer predict`` command and the benchmarks all go through ``Predictor``, so
-serving preprocesses exactly like training: image -> ``to_array`` (mode, square resize) ->
-uint8 (C, S, S) -> ``to_float`` i.e. ``(x / 255 - 0.5) / 0.5``.
+serving preprocesses exactly like training: image -> ``to_array`` (mode, square resize, or
+the torchvision weights' resize + centre crop recorded in ``model.json``) -> uint8
+(C, S, S) -> ``to_float`` i.e. ``(x / 255 - 0.5) / 0.5``; a model whose body came from
+torchvision weights maps that to the weights' ``(x / 255 - mean) / std`` itself (its first
+module, rebuilt from ``model.json``: ``transfer.preprocessing``), as it did in training.
 
 One batch item (a "row") is one of:
 - an encoded image: ``bytes``, or a ``str`` holding base64 (a ``data:image/...;base64,`` prefix
@@ -87,10 +90,11 @@ def decode_image(
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     index: int | None = None,
     max_pixels: int = MAX_PIXELS,
+    resize_ratio: float = 1.0,
 ) -> np.ndarray:
     """Encoded image -> uint8 array (C, S, S), preprocessed exactly like the training data."""
     if isinstance(data, Image.Image):
-        return to_array(data, image_size, channels)
+        return to_array(data, image_size, channels, resize_ratio)
     raw = decode_base64(data, max_bytes, index) if isinstance(data, str) else bytes(data)
     if len(raw) > max_bytes:
         raise InputError(
@@ -115,7 +119,7 @@ def decode_image(
                         f"{max_pixels} pixels (serve.max_image_pixels)"
                     )
                 image.load()
-                return to_array(image, image_size, channels)
+                return to_array(image, image_size, channels, resize_ratio)
     except InputError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
@@ -203,6 +207,7 @@ def prepare_batch(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     max_pixels: int = MAX_PIXELS,
+    resize_ratio: float = 1.0,
 ) -> torch.Tensor:
     """Anything ``Predictor.predict`` accepts -> float32 (N, C, S, S) in the model input space."""
     if isinstance(images, (torch.Tensor, np.ndarray)):
@@ -224,7 +229,8 @@ def prepare_batch(
     rows = []
     for index, item in enumerate(items):
         if _is_encoded(item):
-            pixels = decode_image(item, image_size, channels, max_image_bytes, index, max_pixels)
+            pixels = decode_image(item, image_size, channels, max_image_bytes, index, max_pixels,
+                                  resize_ratio)
             rows.append(to_float(torch.tensor(pixels)[None]).to(torch.float32))  # copy: PIL arrays are read-only
         elif item is None or (isinstance(item, float) and np.isnan(item)):
             raise InputError(f"row {index}: missing image")
@@ -252,6 +258,7 @@ class Predictor:
         self.classes = [str(name) for name in meta["classes"]]
         self.image_size = int(meta["image_size"])
         self.channels = int(meta.get("in_channels", 1))
+        self.resize_ratio = float((meta.get("preprocessing") or {}).get("resize_ratio", 1.0))
         self.max_batch = int(max_batch)
         self.max_image_bytes = int(max_image_bytes)
         self.max_pixels = int(max_pixels)
@@ -272,7 +279,7 @@ class Predictor:
     def prepare(self, images: Any) -> torch.Tensor:
         return prepare_batch(
             images, self.image_size, self.channels, self.max_batch, self.max_image_bytes,
-            self.max_pixels,
+            self.max_pixels, self.resize_ratio,
         )
 
     @torch.inference_mode()

@@ -24,7 +24,10 @@ from transfer.metrics import (
     classification_report, expected_calibration_error, plot_confusion_matrix, plot_learning_curves,
     plot_reliability, reliability_table,
 )
-from transfer.models import TransferNet, create_model, load_model_dir, save_model_dir, weights_sha256
+from transfer.models import (
+    TransferNet, create_model, load_model_dir, save_model_dir, weights_preprocessing, weights_sha256,
+)
+from transfer.preprocessing import Preprocessing
 from transfer.feature_cache import FeatureCache, train_head_cached
 from transfer.techniques.gradual import GradualUnfreezing
 from transfer.train import fit, predict_proba, runtime_device, seed_everything
@@ -61,31 +64,60 @@ def prepare(params: Params, *, strict: bool = True, progress: bool = True) -> di
     return {name: {"dir": str(path), "version": dataset_version(path)} for name, path in dirs.items()}
 
 
-def _load(params: Params, name: str, split: str) -> ImageTensors:
-    return load_split(dataset_dirs(params)[name], split, params.data.image_size, params.data.channels)
+def input_preprocessing(params: Params) -> Preprocessing:
+    """What pretraining (and scratch, at the same resolution) feeds the model: torchvision
+    weights' own preprocessing when ``pretrain.weights`` is a torchvision-layout file or
+    ``hub``, else the pipeline's (x/255 - 0.5) / 0.5 at ``data.image_size``."""
+    data, pre = params.data, params.pretrain
+    prep = weights_preprocessing(pre.arch, pre.weights, data.channels, pre.input_size, pre.grey_to_rgb)
+    return prep or Preprocessing(pre.input_size or data.image_size, data.channels)
 
 
-def target_splits(params: Params) -> dict[str, ImageTensors]:
+def model_preprocessing(params: Params, meta: dict[str, Any]) -> Preprocessing:
+    """A saved model's preprocessing (``model.json``); the params' for a model saved before
+    the record existed."""
+    return Preprocessing.from_meta(meta) if meta.get("preprocessing") else input_preprocessing(params)
+
+
+def _load(params: Params, name: str, split: str, prep: Preprocessing | None = None) -> ImageTensors:
+    prep = prep or input_preprocessing(params)
+    data = params.data
+    return load_split(dataset_dirs(params)[name], split, prep.image_size, prep.channels,
+                      resize_ratio=prep.resize_ratio, storage=data.split_storage,
+                      memory_mb=data.in_memory_max_mb)
+
+
+def target_splits(params: Params, prep: Preprocessing | None = None) -> dict[str, ImageTensors]:
     """Target train (k labels per class), val and test, all from the manifest.
 
     The k labels are drawn with ``data.seed``: every training seed of a run sees the same
     labelled images, as a user's fixed labelled set would be.
     """
     k, seed = params.finetune.labels_per_class, params.data.seed
+    prep = prep or input_preprocessing(params)
     return {
-        "train": subsample_per_class(_load(params, "target", "train"), k, seed),
-        "val": _load(params, "target", "val"),
-        "test": _load(params, "target", "test"),
+        "train": subsample_per_class(_load(params, "target", "train", prep), k, seed),
+        "val": _load(params, "target", "val", prep),
+        "test": _load(params, "target", "test", prep),
     }
 
 
-def _model_meta(params: Params, model: TransferNet, classes: list[str], **extra: Any) -> dict[str, Any]:
+def _describe(prep: Preprocessing) -> str:
+    if prep.is_own:
+        return "(x/255 - 0.5) / 0.5"
+    return f"(x/255 - {list(prep.mean)}) / {list(prep.std)}"
+
+
+def _model_meta(
+    params: Params, model: TransferNet, classes: list[str], prep: Preprocessing, **extra: Any
+) -> dict[str, Any]:
     return {
         "arch": params.pretrain.arch,
-        "image_size": params.data.image_size,
-        "channels": params.data.channels,
+        "image_size": prep.image_size,
+        "channels": prep.channels,
         "classes": classes,
-        "normalisation": "(x/255 - 0.5) / 0.5",
+        "normalisation": _describe(prep),
+        "preprocessing": prep.to_meta(),
         "code_fingerprint": fingerprint.code_fingerprint(),  # the transfer/ code that trained it
         **extra,
     }
@@ -118,20 +150,23 @@ def pretrain(params: Params, out_dir: str | Path, *, progress: bool = True) -> T
     """Train the backbone on the source task; checkpoints let a crashed run resume."""
     out = Path(out_dir)
     device = runtime_device(params.runtime)
-    train, val = _load(params, "source", "train"), _load(params, "source", "val")
+    prep = input_preprocessing(params)
+    train, val = _load(params, "source", "train", prep), _load(params, "source", "val", prep)
     seed_everything(params.runtime.seed)  # the initial weights too, not only the batches
     model = create_model(
-        params.pretrain.arch, len(train.classes), params.data.channels, weights=params.pretrain.weights
+        params.pretrain.arch, len(train.classes), prep.channels, weights=params.pretrain.weights,
+        preprocessing=prep,
     )
     init = {"weights": params.pretrain.weights or "random", "sha256": weights_sha256(model.state_dict())}
     result = fit(
         model, train, val, params.pretrain, device=device, seed=params.runtime.seed,
         checkpoint_dir=out / "checkpoints", distributed_data_parallel=params.runtime.distributed, progress=progress, desc="pretrain (source)",
+        loader_workers=params.data.loader_workers,
     )
-    test = _load(params, "source", "test")
+    test = _load(params, "source", "test", prep)
     report = classification_report(predict_proba(model, test, device), test.labels, test.classes)
     meta = _model_meta(
-        params, model, train.classes, stage="pretrain", initial_weights=init,
+        params, model, train.classes, prep, stage="pretrain", initial_weights=init,
         source_data_version=dataset_version(dataset_dirs(params)["source"]),
         source_test_accuracy=report["accuracy"],
     )
@@ -171,8 +206,9 @@ def finetune(
     """Re-use the source body, re-initialise the head, train with the chosen freeze strategy."""
     chosen, reason = (strategy, "requested") if strategy else resolve_strategy(params)
     out = Path(out_dir)
-    splits = target_splits(params)
     _, source_meta = load_model_dir(source_model_dir)  # validates the dir: a clear error if broken
+    prep = model_preprocessing(params, source_meta)  # the body's input: the source's preprocessing
+    splits = target_splits(params, prep)
     device = runtime_device(params.runtime)
     ft = params.finetune
     if chosen == "head" and ft.feature_cache:
@@ -186,17 +222,17 @@ def finetune(
         result = fit(
             model, splits["train"], splits["val"], ft, device=device, seed=params.runtime.seed,
             param_groups=groups, callbacks=callbacks, checkpoint_dir=out / "checkpoints", distributed_data_parallel=params.runtime.distributed,
-            progress=progress, desc=f"finetune ({chosen})",
+            progress=progress, desc=f"finetune ({chosen})", loader_workers=params.data.loader_workers,
         )
         history, seconds = _history(result), result.seconds
     elif chosen == "dann":
-        model, history, seconds = _run_dann(params, source_model_dir, splits, device, progress)
+        model, history, seconds = _run_dann(params, source_model_dir, splits, device, progress, prep)
     else:
         model, history, seconds = _run_technique(chosen, source_model_dir, splits, params, device, progress)
     log.info("fine-tuned with strategy=%s (%s)", chosen, reason)
     selection = select_on_validation(model, splits["val"], params, device)
     meta = _model_meta(
-        params, model, splits["train"].classes, stage="finetune", strategy=chosen, strategy_reason=reason,
+        params, model, splits["train"].classes, prep, stage="finetune", strategy=chosen, strategy_reason=reason,
         labels_per_class=ft.labels_per_class, source_model=source_meta, seed=params.runtime.seed,
         temperature=selection["temperature"], selection=selection,
         source_weights_sha256=source_meta.get("weights_sha256"),
@@ -229,21 +265,21 @@ def _head_on_cached_features(
     return model, history, time.perf_counter() - started
 
 
-def unlabelled_target(params: Params) -> ImageTensors:
+def unlabelled_target(params: Params, prep: Preprocessing | None = None) -> ImageTensors:
     """Target images for domain adaptation, labels dropped: the ``unlabelled`` split when the
     dataset has one, else the whole target train pool (DANN never sees a target label)."""
     try:
-        pool = _load(params, "target", "unlabelled")
+        pool = _load(params, "target", "unlabelled", prep)
     except TransferError:
         pool = None
     if pool is None or len(pool) == 0:
-        pool = _load(params, "target", "train")
+        pool = _load(params, "target", "train", prep)
     return ImageTensors(pool.images, torch.full_like(pool.labels, -1), pool.classes)
 
 
 def _run_dann(
     params: Params, source_model_dir: str | Path, splits: dict[str, ImageTensors], device: torch.device,
-    progress: bool,
+    progress: bool, prep: Preprocessing | None = None,
 ) -> tuple[TransferNet, list[dict[str, Any]], float]:
     """Domain-adversarial training: labelled source + unlabelled target (Ganin & Lempitsky)."""
     from transfer.techniques.dann import run_dann
@@ -251,7 +287,7 @@ def _run_dann(
     source, _ = load_model_dir(source_model_dir)
     started = time.perf_counter()
     model, history = run_dann(
-        source, _load(params, "source", "train"), unlabelled_target(params), splits["val"],
+        source, _load(params, "source", "train", prep), unlabelled_target(params, prep), splits["val"],
         params.finetune, device, params.runtime.seed, progress,
     )
     return model, history, time.perf_counter() - started
@@ -295,16 +331,19 @@ def _save_any(model: torch.nn.Module, model_dir: Path, meta: dict[str, Any]) -> 
 def train_scratch(params: Params, out_dir: str | Path, *, progress: bool = True) -> TrainedModel:
     """Baseline: the same architecture and target budget from random init."""
     out = Path(out_dir)
-    splits = target_splits(params)
+    prep = input_preprocessing(params).own()  # same resolution, random init: own normalisation
+    splits = target_splits(params, prep)
     seed_everything(params.runtime.seed)
-    model = create_model(params.pretrain.arch, len(splits["train"].classes), params.data.channels)
+    model = create_model(params.pretrain.arch, len(splits["train"].classes), prep.channels,
+                         preprocessing=prep)
     device = runtime_device(params.runtime)
     result = fit(
         model, splits["train"], splits["val"], params.finetune, device=device, seed=params.runtime.seed,
         checkpoint_dir=out / "checkpoints", distributed_data_parallel=params.runtime.distributed, progress=progress, desc="scratch baseline",
+        loader_workers=params.data.loader_workers,
     )
     selection = select_on_validation(model, splits["val"], params, device)
-    meta = _model_meta(params, model, splits["train"].classes, stage="scratch", strategy="scratch",
+    meta = _model_meta(params, model, splits["train"].classes, prep, stage="scratch", strategy="scratch",
                        seed=params.runtime.seed, temperature=selection["temperature"], selection=selection)
     model_dir = out / "model"
     _save_on_main(model, model_dir, meta)
@@ -320,7 +359,7 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, meta = load_model_dir(model_dir)
-    test = _load(params, "target", "test")
+    test = _load(params, "target", "test", model_preprocessing(params, meta))
     if test.classes != meta["classes"]:
         raise TransferError(
             f"model {model_dir} knows classes {meta['classes']} but the target test split has {test.classes}"

@@ -1,7 +1,10 @@
 """The training loop shared by pretraining, fine-tuning and the from-scratch baseline.
 
 Data lives in memory as uint8 tensors (``ImageTensors``), so an epoch is a shuffled
-walk over index batches: no DataLoader workers, no re-decoding. On CUDA each split is
+walk over index batches: no DataLoader workers, no re-decoding. A split larger than memory
+is memory-mapped (``transfer.data.mapped``): the same index batches are read from the file
+by a ``DataLoader`` (workers, pinned memory on CUDA), so the batches, their order and the
+augmentation draws are those of the in-memory path and the result is the same. On CUDA each split is
 copied to the GPU once (through pinned memory) and batches are gathered, converted and
 augmented there; the loop syncs with the host once per epoch. The loop checkpoints
 every epoch (model, optimizer, scheduler, loss scaler, RNG state) and resumes from the
@@ -39,6 +42,7 @@ from torch import Tensor, nn
 from transfer import distributed, fingerprint
 from transfer.config import OptimParams, RuntimeParams
 from transfer.data import ImageTensors, random_shift, to_float
+from transfer.data.mapped import batch_loader
 from transfer.disk import guard_disk_full
 from transfer.errors import TransferError
 
@@ -188,6 +192,46 @@ class _Split:
             images = images.pin_memory().to(self.device, non_blocking=True)
         return images
 
+    def read(self, batches: Sequence[Tensor], world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """(uint8 images, labels) of every index batch, on the device (the global batch)."""
+        for idx in batches:
+            yield self.gather(idx)
+
+    def chunks(self, batch_size: int) -> Iterator[Tensor]:
+        for start in range(0, self.n, batch_size):
+            yield self.slice(start, start + batch_size)
+
+
+class _MappedSplit:
+    """A memory-mapped split: every index batch read from the file through a DataLoader.
+
+    Under DDP each rank reads only its own share ``[rank::world]`` of every global batch.
+    """
+
+    sharded = True
+    index_device = torch.device("cpu")
+
+    def __init__(self, data: ImageTensors, device: torch.device, workers: int | None = None) -> None:
+        self.data, self.device, self.workers = data, device, workers
+        self.n = len(data)
+        self.cpu_labels = data.labels
+
+    def read(self, batches: Sequence[Tensor], world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        own = [distributed.shard(idx) for idx in batches] if world > 1 else list(batches)
+        loader = batch_loader(self.data.images, self.data.labels, own, workers=self.workers,
+                              pin_memory=self.device.type == "cuda")
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def chunks(self, batch_size: int) -> Iterator[Tensor]:
+        for images, _ in self.read(torch.arange(self.n).split(batch_size)):
+            yield images
+
+
+def place(data: ImageTensors, device: torch.device, workers: int | None = None) -> _Split | _MappedSplit:
+    """The split placed for training/evaluation: in memory, or memory-mapped."""
+    return _MappedSplit(data, device, workers) if data.mapped else _Split(data, device)
+
 
 def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> tuple[Tensor, ...]:
     """A shuffled epoch's index batches, drawn on the CPU generator (the same order on every
@@ -199,13 +243,20 @@ def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, split: _Split, device: torch.device, batch_size: int) -> Tensor:
-    outputs = []
-    for start in range(0, split.n, batch_size):
+def _predict(model: nn.Module, split: _Split | _MappedSplit, device: torch.device, batch_size: int) -> Tensor:
+    # One (N, K) buffer, filled in place: a list of small per-chunk outputs interleaved with
+    # the big per-chunk inputs fragments the heap, and resident memory grew with N (+660 MB
+    # over 12,000 mapped 64 px images, measured) where it now stays flat.
+    probs, start = None, 0
+    for images in split.chunks(batch_size):
         with autocast_for(device):
-            logits = model(to_float(split.slice(start, start + batch_size)))  # (B, K)
-        outputs.append(logits.float().softmax(dim=1))
-    return torch.cat(outputs).cpu() if outputs else torch.empty(0, 0)
+            logits = model(to_float(images))  # (B, K)
+        chunk = logits.float().softmax(dim=1)
+        if probs is None:
+            probs = torch.empty(split.n, chunk.shape[1], device=chunk.device)
+        probs[start : start + len(chunk)] = chunk
+        start += len(chunk)
+    return probs.cpu() if probs is not None else torch.empty(0, 0)
 
 
 @torch.no_grad()
@@ -216,13 +267,13 @@ def predict_proba(
     was_training = model.training
     model.to(device).eval()  # a freshly loaded model sits on the CPU
     try:
-        return _predict(model, _Split(data, device), device, batch_size)
+        return _predict(model, place(data, device), device, batch_size)
     finally:
         model.train(was_training)
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, split: _Split, device: torch.device) -> tuple[float, float]:
+def _evaluate(model: nn.Module, split: _Split | _MappedSplit, device: torch.device) -> tuple[float, float]:
     was_training = model.training
     model.eval()
     try:
@@ -266,7 +317,9 @@ class _Loop:
     extra_loss: LossFn | None = None
 
 
-def _train_one_epoch(loop: _Loop, data: _Split, on_batch: Callable[[], None]) -> tuple[float, float]:
+def _train_one_epoch(
+    loop: _Loop, data: _Split | _MappedSplit, on_batch: Callable[[], None]
+) -> tuple[float, float]:
     """One pass over the data; (mean loss, accuracy) over all ranks, one host sync.
 
     Under DDP every rank draws and augments the same global batch, then trains on its
@@ -277,14 +330,16 @@ def _train_one_epoch(loop: _Loop, data: _Split, on_batch: Callable[[], None]) ->
     loop.forward.train()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, correct
     seen = 0
-    for idx in _batches(data.n, cfg.batch_size, loop.shuffle, data.index_device):
-        if len(idx) < world:
-            continue  # a last global batch too small to give every rank a sample
-        images, y = data.gather(idx)
+    # a last global batch too small to give every rank a sample is skipped
+    batches = [idx for idx in _batches(data.n, cfg.batch_size, loop.shuffle, data.index_device)
+               if len(idx) >= world]
+    sharded = world > 1 and getattr(data, "sharded", False)  # read only this rank's share
+    for idx, (images, y) in zip(batches, data.read(batches, world), strict=True):
         x = to_float(images)  # (B, C, H, W) float in [-1, 1]
         if cfg.augment:
-            x = random_shift(x, 2, generator=loop.augment)
-        if world > 1:
+            shard = (len(idx), distributed.rank(), world) if sharded else None
+            x = random_shift(x, 2, generator=loop.augment, shard=shard)
+        if world > 1 and not sharded:
             x, y = distributed.shard(x), distributed.shard(y)
         if loop.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -336,6 +391,7 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     distributed_data_parallel: bool = False,
+    loader_workers: int | None = None,
 ) -> FitResult:
     """Train ``model`` in place with AdamW + cosine LR; resume from ``checkpoint_dir/last.pt``.
 
@@ -377,8 +433,8 @@ def fit(
                     result.resumed_from_epoch, cfg.epochs, ckpt)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    train_split = _Split(train, device)
-    val_split = _Split(val, device) if val is not None and len(val) else None
+    train_split = place(train, device, loader_workers)
+    val_split = place(val, device, loader_workers) if val is not None and len(val) else None
     wrapped_for: tuple[str, ...] | None = None
     started = time.perf_counter()
     try:

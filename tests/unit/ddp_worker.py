@@ -5,7 +5,9 @@ One launch, three checks (process start-up is most of the cost):
 2. gradual unfreezing (the trainable set grows mid-run) -> every rank ends with the same
    weights (DDP must be rebuilt to sync the newly unfrozen blocks);
 3. a crash after epoch 2, then a rerun on the same checkpoint dir -> the weights of the
-   uninterrupted run of check 1.
+   uninterrupted run of check 1;
+4. the same data as a memory-mapped split (each rank reads only its share of every global
+   batch from the file) -> exactly the weights of check 1.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 import torch
 import torch.distributed as dist
 
 from transfer import distributed, freezing
 from transfer.config import OptimParams
-from transfer.data import ImageTensors
+from transfer.data import ImageTensors, mapped
 from transfer.models import create_model
 from transfer.techniques.gradual import GradualUnfreezing
 from transfer.train import CrashAfterEpoch, fit, predict_proba
@@ -47,9 +51,10 @@ def accuracy(model: torch.nn.Module) -> float:
     return (predict_proba(model, test, torch.device("cpu")).argmax(1) == test.labels).float().mean().item()
 
 
-def train(ddp: bool, checkpoint_dir: Path | None = None, callbacks: tuple = ()) -> tuple[float, torch.nn.Module]:
+def train(ddp: bool, checkpoint_dir: Path | None = None, callbacks: tuple = (),
+          data: ImageTensors | None = None) -> tuple[float, torch.nn.Module]:
     model = _model()
-    fit(model, toy(), None, CFG, device=torch.device("cpu"), seed=1, progress=False,
+    fit(model, data if data is not None else toy(), None, CFG, device=torch.device("cpu"), seed=1, progress=False,
         distributed_data_parallel=ddp, checkpoint_dir=checkpoint_dir, callbacks=callbacks)
     return accuracy(model), model
 
@@ -88,12 +93,28 @@ def crash_and_resume(reference: torch.nn.Module) -> bool:
     return all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+def mapped_equal(reference: torch.nn.Module) -> bool:
+    """Check 4: rank 0 writes the toy split memory-mapped; every rank trains from the file."""
+    folder = Path(distributed.broadcast_object(tempfile.mkdtemp(prefix="ddp-mmap-") if distributed.is_main() else None)) / "train.mmap"
+    data = toy()
+    if distributed.is_main():
+        mapped.write_split(folder, tuple(data.images.shape), [data.images.numpy()], data.labels.numpy(), data.classes)
+    distributed.barrier()
+    images, labels, classes = mapped.read_split(folder, memory_bytes=0)
+    on_disk = ImageTensors(images, labels, classes)
+    assert on_disk.mapped
+    _, model = train(ddp=True, data=on_disk)
+    ref, got = reference.state_dict(), model.state_dict()
+    return all(torch.equal(ref[k], got[k]) for k in ref)
+
+
 if __name__ == "__main__":
     acc, model = train(ddp=True)
     result = {
         "accuracy": acc, "world": distributed.world_size(), "state": model.state_dict(),
         "gradual_max_rank_difference": gradual(),
         "resume_equal": crash_and_resume(model),
+        "mapped_equal": mapped_equal(model),
     }
     if distributed.is_main():
         torch.save(result, sys.argv[1])

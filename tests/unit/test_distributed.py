@@ -1,4 +1,5 @@
-"""DDP on CPU: 2 processes (torchrun, gloo) match single-process training."""
+"""DDP on CPU: 2 processes (torchrun with c10d rendezvous, gloo) match single-process
+training, in memory and over a memory-mapped split."""
 
 from __future__ import annotations
 
@@ -36,8 +37,11 @@ def test_two_cpu_processes_match_single_process(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1])}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(HERE / "ddp_worker.py"), str(out)]
+    # the multi-node form of the command (c10d rendezvous; one node here): on N machines the
+    # same line with --nnodes N and this node's address as the endpoint (docs/scaling.md)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "test",
+           str(HERE / "ddp_worker.py"), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(out, weights_only=True)
@@ -52,6 +56,9 @@ def test_two_cpu_processes_match_single_process(tmp_path: Path) -> None:
     # Blocks unfrozen mid-run are synchronised too; resume after a crash on every rank.
     assert ddp["gradual_max_rank_difference"] == 0.0
     assert ddp["resume_equal"]
+    # A memory-mapped split, each rank reading only its share of every global batch from
+    # the file: exactly the weights of the in-memory DDP run.
+    assert ddp["mapped_equal"]
 
 
 def test_distributed_without_torchrun_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

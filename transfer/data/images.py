@@ -67,12 +67,29 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
 
 
-def to_array(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
-    """PIL image -> uint8 array (C, S, S): resized to a square, 1 (L) or 3 (RGB) channels."""
+def _resize_crop(image: Image.Image, image_size: int, resize_ratio: float) -> Image.Image:
+    """torchvision's Resize(shorter side) + CenterCrop, with its rounding: the shorter side
+    to image_size * ratio, the longer in proportion, then the centred square."""
+    short = round(image_size * resize_ratio)
+    width, height = image.size
+    if width <= height:
+        size = (short, int(short * height / width))
+    else:
+        size = (int(short * width / height), short)
+    image = image.resize(size, RESAMPLE)
+    left, top = int(round((size[0] - image_size) / 2.0)), int(round((size[1] - image_size) / 2.0))
+    return image.crop((left, top, left + image_size, top + image_size))
+
+
+def to_array(image: Image.Image, image_size: int, channels: int, resize_ratio: float = 1.0) -> np.ndarray:
+    """PIL image -> uint8 array (C, S, S), 1 (L) or 3 (RGB) channels: resized to a square
+    (ratio 1, own models), or resized and centre-cropped (torchvision weights' ratio)."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         image = _to_8bit(image)
     image = image.convert("L" if channels == 1 else "RGB")
-    if image.size != (image_size, image_size):
+    if resize_ratio != 1.0:
+        image = _resize_crop(image, image_size, resize_ratio)
+    elif image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), RESAMPLE)
     array = np.asarray(image, dtype=np.uint8)
     return array[None] if channels == 1 else array.transpose(2, 0, 1)  # (C, S, S)
@@ -84,11 +101,12 @@ def decode_image(
     channels: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
+    resize_ratio: float = 1.0,
 ) -> np.ndarray:
     """Decode bytes or a file -> uint8 array (C, S, S); raises ImageTooLarge or what PIL raises."""
     with open_bounded(source, max_pixels, max_bytes) as image:
         image.load()
-        return to_array(image, image_size, channels)
+        return to_array(image, image_size, channels, resize_ratio)
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -1,4 +1,8 @@
-"""In-memory datasets: uint8 image tensors + labels, and the ops training needs on them."""
+"""Decoded datasets: uint8 images + labels, and the ops training needs on them.
+
+The images are a tensor in memory, or (a split larger than ``data.in_memory_max_mb``) a
+``MappedImages`` view of a memory-mapped file that reads rows on demand.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from transfer.data.mapped import MappedImages
 from transfer.errors import DataError
 
 UNLABELLED_INDEX = -1
@@ -22,7 +27,7 @@ class ImageTensors:
     Tensors may be shared with the load cache: treat them as read-only.
     """
 
-    images: Tensor
+    images: Tensor | MappedImages
     labels: Tensor
     classes: list[str]
 
@@ -42,9 +47,14 @@ class ImageTensors:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def mapped(self) -> bool:
+        return isinstance(self.images, MappedImages)
+
     def subset(self, indices: Sequence[int] | np.ndarray | Tensor) -> ImageTensors:
-        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return ImageTensors(self.images[index], self.labels[index], list(self.classes))
+        index = np.asarray(indices, dtype=np.int64)
+        images = self.images.take(index) if self.mapped else self.images[torch.as_tensor(index)]
+        return ImageTensors(images, self.labels[torch.as_tensor(index)], list(self.classes))
 
     def class_counts(self) -> dict[str, int]:
         counts = torch.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
@@ -74,18 +84,24 @@ def subsample_per_class(data: ImageTensors, k: int, seed: int) -> ImageTensors:
 
 
 def random_shift(
-    batch: Tensor, max_shift: int = 2, generator: torch.Generator | None = None
+    batch: Tensor, max_shift: int = 2, generator: torch.Generator | None = None,
+    shard: tuple[int, int, int] | None = None,
 ) -> Tensor:
     """Translate each image by up to ``max_shift`` px (edge-replicate pad + random crop).
 
     ``batch``: float (B, C, H, W) on any device; offsets are drawn on the generator's device.
+    ``shard=(global_b, rank, world)``: ``batch`` is rank's share ``[rank::world]`` of a
+    global batch; offsets are drawn for the global batch (the same draws as one process).
     """
     if max_shift <= 0 or batch.shape[0] == 0:
         return batch
     b, _, h, w = batch.shape
     padded = F.pad(batch, (max_shift,) * 4, mode="replicate")  # (B, C, H+2m, W+2m)
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    offsets = torch.randint(0, 2 * max_shift + 1, (2, b), generator=generator, device=gen_device)
+    drawn = shard[0] if shard is not None else b
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, drawn), generator=generator, device=gen_device)
+    if shard is not None:
+        offsets = offsets[:, shard[1] :: shard[2]]  # (2, b)
     offsets = offsets.to(batch.device)
     rows = offsets[0][:, None] + torch.arange(h, device=batch.device)  # (B, H)
     cols = offsets[1][:, None] + torch.arange(w, device=batch.device)  # (B, W)

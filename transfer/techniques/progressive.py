@@ -119,7 +119,7 @@ class ProgressiveNet(nn.Module):
 
     def _source_activations(self, x: Tensor) -> list[Tensor]:
         """Stage outputs of the source column, then its body features (B, F)."""
-        acts, h = [], x
+        acts, h = [], self.source.body.normalise(x)  # the weights' mean/std, if any
         for stage in _stages(self.source):
             h = stage(h)  # (B, C_i, H_i, W_i)
             acts.append(h)
@@ -136,7 +136,7 @@ class ProgressiveNet(nn.Module):
     def target_features(self, x: Tensor) -> Tensor:
         with torch.no_grad():  # the source column is fixed: no graph through it
             source_acts = self._source_activations(x)
-        h = x
+        h = self.target.body.normalise(x)
         stages = _stages(self.target)
         for stage, lateral, h_s in zip(stages, self.laterals, source_acts, strict=False):
             h = stage(h) + lateral(h_s)  # (B, C_i, H_i, W_i)

@@ -1,0 +1,277 @@
+"""Scaling: cost per image and peak memory of the data path as the dataset grows.
+
+For each N in ``--sizes`` a generated RGB ImageFolder (10 classes, 64 px PNGs) is run
+through, each phase in its own subprocess (so its peak RSS is its own,
+``resource.getrusage``, children included):
+
+- prepare:   copy + sha256 + full decode check + manifest (``prepare_target``)
+- validate:  the GX suites of the dataset (``tasks.validate.validate_dataset``)
+- decode:    first load of the train split as a memory-mapped split (decode + write)
+- epoch:     one training epoch of small_cnn over the memory-mapped split (DataLoader)
+- plain:     the same epoch through a plain torchvision ``ImageFolder`` + ``DataLoader``
+             (PNG decoded every epoch, ToTensor + Normalize), the usual baseline
+
+and, on ``--resnet-n`` images at 224 px, one epoch of resnet18 from a torchvision-layout
+state_dict (random weights, saved locally: nothing is downloaded) with the weights'
+preprocessing, beside the same plain loop with ``ResNet18_Weights.transforms()``.
+
+    python benchmarks/scale.py                       # 1k and 10k (this 2-core machine)
+    python benchmarks/scale.py --sizes 1000 10000 100000
+
+Writes ``benchmarks/results/scale.{json,md,png}``; records the machine and
+``os.getloadavg()`` before and after (a shared machine shows in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CLASSES = 10
+
+
+# --------------------------------------------------------------------------- data
+
+
+def generate(folder: Path, n: int, size: int, seed: int = 0) -> Path:
+    """n RGB PNGs in CLASSES folders: a class-coloured square on noise (learnable)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(CLASSES):
+        (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        c = i % CLASSES
+        pixels = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
+        pixels[size // 4 : size // 2, size // 4 : size // 2, c % 3] = 120 + 13 * c
+        Image.fromarray(pixels).save(folder / f"c{c}" / f"{i:06d}.png")
+    return folder
+
+
+def _peak_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024  # Linux: kB
+
+
+# --------------------------------------------------------------------------- phases (subprocess)
+
+
+def _data_params(work: Path, images: Path):
+    from transfer.config import DataParams, TargetData
+
+    return DataParams(root=str(work / "data"), image_size=64, channels=3,
+                      target=TargetData(kind="imagefolder", path=str(images), test_size=0.2))
+
+
+def _model(arch: str, weights: Path | None, size: int):
+    from transfer.models import create_model, weights_preprocessing
+
+    prep = weights_preprocessing(arch, weights, 3, size) if weights else None
+    return create_model(arch, CLASSES, 3, weights=weights, preprocessing=prep), prep
+
+
+def phase(name: str, work: Path, images: Path, arch: str, size: int, weights: Path | None) -> dict:
+    import torch
+
+    from transfer.config import OptimParams
+    from transfer.data import load_split, prepare_target
+    from transfer.train import fit
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    params = _data_params(work, images)
+    target = work / "data" / "target"
+    cfg = OptimParams(epochs=1, batch_size=128, augment=True)
+    started = time.perf_counter()
+    if name == "prepare":
+        prepare_target(params, progress=False, min_per_split=1)
+        n = sum(1 for _ in images.rglob("*.png"))
+    elif name == "validate":
+        from tasks.validate import validate_dataset
+        from transfer.config import ValidateParams
+
+        outcomes = validate_dataset(target, "target", ValidateParams(min_per_class=1))
+        n = sum(1 for _ in images.rglob("*.png"))
+        assert all(o.success for o in outcomes), [o for o in outcomes if not o.success][:2]
+    elif name in ("decode", "epoch"):
+        ratio = 1.0
+        model, prep = _model(arch, weights, size)
+        if prep is not None:
+            ratio = prep.resize_ratio
+        load = lambda: load_split(target, "train", size, 3, resize_ratio=ratio, storage="mmap")  # noqa: E731
+        if name == "epoch":
+            data = load()  # decoded by the decode phase; not timed here
+            started = time.perf_counter()
+            fit(model, data, None, cfg, device=torch.device("cpu"), seed=0, progress=False)
+        else:
+            data = load()
+        n = len(data)
+    elif name == "plain":
+        n = plain_epoch(target, arch, size, weights, cfg)
+    else:
+        raise SystemExit(f"unknown phase {name}")
+    seconds = time.perf_counter() - started
+    return {"phase": name, "n": n, "seconds": seconds, "per_image_ms": 1000 * seconds / n, "peak_rss_mb": _peak_mb()}
+
+
+def plain_epoch(target: Path, arch: str, size: int, weights: Path | None, cfg) -> int:
+    """The textbook loop: ImageFolder over the train split's files, decoded every epoch."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    from transfer.data import read_manifest
+    from transfer.data.mapped import default_workers
+
+    if weights is not None:
+        from transfer.preprocessing import torchvision_entry
+
+        tf = torchvision_entry(arch, weights).transforms()
+    else:
+        tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
+                                 transforms.Normalize([0.5] * 3, [0.5] * 3)])
+    folder = datasets.ImageFolder(str(target), transform=tf)
+    train = {r.path for r in read_manifest(target) if r.split == "train"}
+    index = [i for i, (p, _) in enumerate(folder.samples) if Path(p).relative_to(target).as_posix() in train]
+    loader = DataLoader(Subset(folder, index), batch_size=cfg.batch_size, shuffle=True,
+                        num_workers=default_workers())
+    model, _ = _model(arch, weights, size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return len(index)
+
+
+def run_phase(name: str, work: Path, images: Path, arch: str, size: int, weights: Path | None) -> dict:
+    cmd = [sys.executable, __file__, "--phase", name, "--work", str(work), "--images", str(images),
+           "--arch", arch, "--size", str(size)] + (["--weights", str(weights)] if weights else [])
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"phase {name} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {name:9s} N={result['n']:>7}  {result['per_image_ms']:.3f} ms/image  peak {result['peak_rss_mb']:.0f} MB",
+          flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def bench_size(n: int, scratch: Path, arch: str = "small_cnn", size: int = 64,
+               weights: Path | None = None, phases: tuple[str, ...] = ("prepare", "validate", "decode", "epoch", "plain")) -> list[dict]:
+    work = scratch / f"{arch}-{n}"
+    images = generate(work / "images", n, 64 if weights is None else 256)
+    print(f"N = {n} ({arch}, {size} px)", flush=True)
+    out = [{**run_phase(p, work, images, arch, size, weights), "arch": arch, "size": size} for p in phases]
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def resnet_weights(folder: Path) -> Path:
+    import torch
+    import torchvision
+
+    path = folder / "resnet18-f37072fd.pth"  # torchvision's file name: its enum entry is found
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+def write_results(rows: list[dict], meta: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"Machine: {meta['machine']}; load average before {meta['load_before']}, after {meta['load_after']}; "
+             f"total {meta['seconds']:.0f} s.", "",
+             "| arch | px | phase | N | ms / image | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['size']} | {r['phase']} | {r['n']} | {r['per_image_ms']:.3f} | {r['peak_rss_mb']:.0f} |")
+    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
+    plot(rows)
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    small = [r for r in rows if r["arch"] == "small_cnn"]
+    sizes = sorted({r["n"] for r in small if r["phase"] == "prepare"})
+    for name in ("prepare", "validate", "decode", "epoch", "plain"):
+        pts = sorted((r["n"], r["per_image_ms"], r["peak_rss_mb"]) for r in small if r["phase"] == name)
+        if not pts:
+            continue
+        xs = [p[0] for p in pts]
+        ax1.plot(xs, [p[1] for p in pts], marker="o", label=name)
+        ax2.plot(xs, [p[2] for p in pts], marker="o", label=name)
+    for ax, label in ((ax1, "ms per image"), (ax2, "peak RSS (MB)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("images (N; train split for decode/epoch/plain)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax1.legend()
+    ax1.set_title(f"cost per image, 64 px RGB (N = {', '.join(map(str, sizes))})")
+    ax2.set_title("peak resident memory per phase")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "scale.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--resnet-n", type=int, default=256, help="images for the resnet18 224 px run (0: skip)")
+    parser.add_argument("--phase")
+    parser.add_argument("--work", type=Path)
+    parser.add_argument("--images", type=Path)
+    parser.add_argument("--arch", default="small_cnn")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--weights", type=Path)
+    args = parser.parse_args()
+    if args.phase:  # one measured phase, in this subprocess
+        print(json.dumps(phase(args.phase, args.work, args.images, args.arch, args.size, args.weights)))
+        return
+    started, load_before = time.perf_counter(), [round(v, 2) for v in os.getloadavg()]
+    rows: list[dict] = []
+
+    def save() -> None:  # after every size: an interrupted run keeps what it measured
+        import torch
+
+        meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, "
+                           f"torch {torch.__version__}",
+                "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
+                "seconds": time.perf_counter() - started, "sizes": args.sizes, "resnet_n": args.resnet_n}
+        write_results(rows, meta)
+
+    with tempfile.TemporaryDirectory(prefix="scale-", dir=os.environ.get("SCALE_TMP")) as scratch:
+        for n in args.sizes:
+            rows += bench_size(n, Path(scratch))
+            save()
+        if args.resnet_n:
+            weights = resnet_weights(Path(scratch))
+            rows += bench_size(args.resnet_n, Path(scratch), "resnet18", 224, weights,
+                               ("prepare", "decode", "epoch", "plain"))
+            save()
+    print((RESULTS / "scale.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
