@@ -33,9 +33,13 @@ def content_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# what picks or lists sources, not how one is pretrained: not part of a source's key
+NOT_PRETRAINING = {"source_model", "source", "candidates", "rank_estimator"}
+
+
 def _source_key(params: Params, data: dict[str, Any]) -> str:
     return content_key(
-        params.pretrain.model_dump(mode="json", exclude={"source_model"}),
+        params.pretrain.model_dump(mode="json", exclude=NOT_PRETRAINING),
         params.data.image_size,
         params.data.channels,
         params.runtime.seed,

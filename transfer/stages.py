@@ -131,7 +131,7 @@ def pretrain(params: Params, out_dir: str | Path, *, progress: bool = True) -> T
     test = _load(params, "source", "test")
     report = classification_report(predict_proba(model, test, device), test.labels, test.classes)
     meta = _model_meta(
-        params, model, train.classes, stage="pretrain", initial_weights=init,
+        params, model, train.classes, stage="pretrain", initial_weights=init, source_kind=params.data.source.kind,
         source_data_version=dataset_version(dataset_dirs(params)["source"]),
         source_test_accuracy=report["accuracy"],
     )
