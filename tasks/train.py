@@ -64,7 +64,7 @@ def _pretrain_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> 
     project on the machine, and a cached result must point at this project's model."""
     params, data = parameters["params"], parameters["data"]
     model_json = source_dir(params, data) / "source_model" / "model.json"
-    if params.pretrain.source_model or not model_json.exists():
+    if params.pretrain.source_model or params.pretrain.source == "auto" or not model_json.exists():
         return None
     return f"pretrain-{content_key(str(model_json.resolve()), _source_key(params, data))}-{_stage_code_hash()}"
 
@@ -95,6 +95,12 @@ def pretrain_source(
 ) -> dict[str, Any]:
     """Train (or reuse) the source model; log a nested MLflow run when it trains."""
     client = tracking.configure(params)
+    if params.pretrain.source == "auto":  # rank the candidates on the target, take the best
+        from tasks.rank import choose_source
+
+        chosen = choose_source(params, parent_run_id)
+        print(chosen["choice_reason"])
+        return chosen
     if params.pretrain.source_model:
         model_dir = _resolve_source_reference(params.pretrain.source_model, params)
         _, meta = load_model_dir(model_dir)

@@ -16,6 +16,7 @@ directory; glue-side: ``data`` (the pipeline's own source), ``data:<kind>`` or
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,9 +29,11 @@ from transfer.config import Params, SourceData
 from transfer.data import ImageTensors
 from transfer.errors import TransferError
 from transfer.feature_cache import FeatureCache, body_sha256, data_fingerprint, feature_key
-from transfer.models import TransferNet, create_model, load_model_dir
+from transfer.models import TransferNet, create_model, load_model_dir, weights_sha256
 from transfer.train import seed_everything
 from transfer.transferability import ESTIMATORS, NEEDS_SOURCE_HEAD, score_all
+
+log = logging.getLogger(__name__)
 
 TIE_RTOL = 1e-6  # scores closer than this (relative) are a tie
 
@@ -162,10 +165,26 @@ def rank_rows(rows: list[dict[str, Any]], estimator: str) -> tuple[list[dict[str
     return ordered, reason, ties
 
 
+def _distinct(candidates: list[Candidate]) -> list[Candidate]:
+    """One row per set of weights: the same model named twice (``data`` and ``registered``)
+    is scored once, under its first name."""
+    seen: dict[str, str] = {}
+    kept = []
+    for candidate in candidates:
+        sha = weights_sha256(candidate.model.state_dict())
+        if sha in seen:
+            log.info("source candidate %s is %s again: scored once", candidate.origin, seen[sha])
+            continue
+        seen[sha] = candidate.name
+        kept.append(candidate)
+    return kept
+
+
 def rank_candidates(candidates: list[Candidate], train: ImageTensors, cache: FeatureCache, version: str,
                     estimator: str, device: torch.device | str = "cpu") -> Ranking:
     """Score every candidate on the k labelled target train images and rank them."""
     started = time.perf_counter()
+    candidates = _distinct(candidates)
     names = [c.name for c in candidates]
     duplicates = {n for n in names if names.count(n) > 1}
     for candidate in candidates:  # two candidates with one name would be unreadable in the table
