@@ -15,7 +15,7 @@ hit rate: the estimator's first is val's first), TEST accuracies are reported wi
 intervals over seeds but never used to judge. Cost: seconds to score every candidate vs
 seconds to fine-tune every candidate (``full``) at the same k.
 
-    python benchmarks/transferability.py          # k = 1,5,10,20, 3 seeds (~10 min, 2 cores)
+    python benchmarks/transferability.py          # k = 1,5,10,20, 3 seeds (results rewritten after each seed)
     python benchmarks/transferability.py --quick  # k = 1,5, 1 seed, few epochs (~1 min)
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -168,7 +169,8 @@ def _fmt(x: float | None, spec: str = "+.3f") -> str:
 def markdown(result: dict[str, Any]) -> str:
     s, ks, names = result["summary"], result["ks"], result["sources"]
     lines = [f"# Transferability audit ({'quick' if result['quick'] else 'full'} run)", "",
-             f"{result['machine']}; {result['seconds']:.0f} s in all; k = {ks}, seeds = {result['seeds']}; "
+             f"{result['machine']}; {result['seconds']:.0f} s in all; k = {ks}, seeds = {result['seeds']} "
+             f"(of {result.get('planned_seeds', result['seeds'])} planned); "
              f"sources {', '.join(names)}; target sklearn digits (val {result['n_val']}, test {result['n_test']}).", "",
              "## Does the ranking match the outcome? (judged on VALIDATION accuracy)", "",
              "| fine-tune | estimator | weighted tau (mean over k x seeds) | top-1 hit rate | tau per k |",
@@ -195,6 +197,12 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(result: dict[str, Any], stem: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    (RESULTS / f"{stem}.md").write_text(markdown(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="k = 1,5, 1 seed, few epochs (~1 min)")
@@ -203,35 +211,35 @@ def main() -> None:
     torch.set_num_threads(2)
     ks, seeds = ([1, 5], [0]) if args.quick else ([1, 5, 10, 20], [0, 1, 2])
     params = load_params(args.params)
-    params.data.source.n = 1000 if args.quick else 3000
+    params.data.source.n = 1000 if args.quick else 2000
     params.pretrain.epochs, params.pretrain.batch_size = (1, 64) if args.quick else (3, 64)
-    params.finetune.epochs = 3 if args.quick else 20
+    params.finetune.epochs = 3 if args.quick else 15
     params.runtime.device = "cpu"
+    stem = "transferability_quick" if args.quick else "transferability"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transferability-") as tmp:
         work = Path(tmp)
         params.data.root = str(work / "data")
         prepare_target(params.data, progress=False)
-        sources = build_sources(params, work, 100 if args.quick else 300)
+        splits = stages.target_splits(params)
+        sources = build_sources(params, work, 100 if args.quick else 150)
         cache, device, cases = FeatureCache(work / "features"), resolve_device("cpu"), {}
-        for k in ks:
-            for seed in seeds:
+        for seed in seeds:  # seed-major: a stopped run still covers every k
+            for k in ks:
                 p = params.model_copy(deep=True)
                 p.finetune.labels_per_class, p.runtime.seed, p.data.seed = k, seed, seed
                 cases[f"{k}/{seed}"] = case = one_case(p, sources, work, cache, device)
                 print(f"k={k:>2} seed={seed} scored in {case['score_seconds']:.2f} s; full val " + ", ".join(
                     f"{n} {case['outcome']['full'][n]['val']:.3f}" for n in sources), flush=True)
-        splits = stages.target_splits(params)
-    summary = summarise(cases, ks, seeds, list(sources))
-    result = {"quick": args.quick, "ks": ks, "seeds": seeds, "sources": list(sources), "cases": cases,
-              "summary": summary, "best_estimator": best_estimator(summary), "n_val": len(splits["val"]),
-              "n_test": len(splits["test"]), "seconds": time.perf_counter() - started,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"}
-    stem = "transferability_quick" if args.quick else "transferability"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+            done = seeds[: seeds.index(seed) + 1]  # results so far, rewritten after every seed
+            summary = summarise(cases, ks, done, list(sources))
+            _write({"quick": args.quick, "ks": ks, "seeds": done, "planned_seeds": seeds, "sources": list(sources),
+                    "cases": cases, "summary": summary, "best_estimator": best_estimator(summary),
+                    "n_val": len(splits["val"]), "n_test": len(splits["test"]),
+                    "seconds": time.perf_counter() - started,
+                    "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                               f"load average {os.getloadavg()[0]:.1f} at the end"}, stem)
+    print((RESULTS / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":
