@@ -231,6 +231,7 @@ def main() -> None:
                 cases[f"{k}/{seed}"] = case = one_case(p, sources, work, cache, device)
                 print(f"k={k:>2} seed={seed} scored in {case['score_seconds']:.2f} s; full val " + ", ".join(
                     f"{n} {case['outcome']['full'][n]['val']:.3f}" for n in sources), flush=True)
+                (RESULTS / f"{stem}_cases.json").write_text(json.dumps(cases, indent=1))  # a stopped run keeps them
             done = seeds[: seeds.index(seed) + 1]  # results so far, rewritten after every seed
             summary = summarise(cases, ks, done, list(sources))
             _write({"quick": args.quick, "ks": ks, "seeds": done, "planned_seeds": seeds, "sources": list(sources),
