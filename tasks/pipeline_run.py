@@ -77,6 +77,7 @@ def log_source_model(params: Params, run_id: str, source: dict[str, Any]) -> Non
             "source_origin": source.get("origin"),
             "source_reused": source.get("reused"),
             "source_run_id": source.get("run_id"),
+            "source_choice_reason": source.get("choice_reason"),  # pretrain.source=auto only
         },
     )
 

@@ -33,9 +33,13 @@ def content_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# what picks or lists sources, not how one is pretrained: not part of a source's key
+NOT_PRETRAINING = {"source_model", "source", "candidates", "rank_estimator"}
+
+
 def _source_key(params: Params, data: dict[str, Any]) -> str:
     return content_key(
-        params.pretrain.model_dump(mode="json", exclude={"source_model"}),
+        params.pretrain.model_dump(mode="json", exclude=NOT_PRETRAINING),
         params.data.image_size,
         params.data.channels,
         params.runtime.seed,
@@ -60,7 +64,7 @@ def _pretrain_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> 
     project on the machine, and a cached result must point at this project's model."""
     params, data = parameters["params"], parameters["data"]
     model_json = source_dir(params, data) / "source_model" / "model.json"
-    if params.pretrain.source_model or not model_json.exists():
+    if params.pretrain.source_model or params.pretrain.source == "auto" or not model_json.exists():
         return None
     return f"pretrain-{content_key(str(model_json.resolve()), _source_key(params, data))}-{_stage_code_hash()}"
 
@@ -91,6 +95,12 @@ def pretrain_source(
 ) -> dict[str, Any]:
     """Train (or reuse) the source model; log a nested MLflow run when it trains."""
     client = tracking.configure(params)
+    if params.pretrain.source == "auto":  # rank the candidates on the target, take the best
+        from tasks.rank import choose_source
+
+        chosen = choose_source(params, parent_run_id)
+        print(chosen["choice_reason"])
+        return chosen
     if params.pretrain.source_model:
         model_dir = _resolve_source_reference(params.pretrain.source_model, params)
         _, meta = load_model_dir(model_dir)

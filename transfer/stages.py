@@ -167,6 +167,7 @@ def pretrain(params: Params, out_dir: str | Path, *, progress: bool = True) -> T
     report = classification_report(predict_proba(model, test, device), test.labels, test.classes)
     meta = _model_meta(
         params, model, train.classes, prep, stage="pretrain", initial_weights=init,
+        source_kind=params.data.source.kind,
         source_data_version=dataset_version(dataset_dirs(params)["source"]),
         source_test_accuracy=report["accuracy"],
     )

