@@ -181,7 +181,7 @@ def evaluate(
 ) -> None:
     """Test-set metrics (accuracy, macro-F1, per-class recall, ECE), confusion matrix, transfer gain."""
     from transfer import stages
-    from transfer.metrics import plot_transfer_gain
+    from transfer.plots import plot_transfer_gain
 
     params = _params(params_file, overrides)
     report = stages.evaluate(params, model, out, name="transfer")

@@ -16,7 +16,8 @@ The ``data`` dict (every key optional; a missing part shows as "not available"):
     run: {run_id, run_name, status, start_time, experiment, git_commit}
     summary: {transfer_accuracy, scratch_accuracy, gain, negative_transfer_margin,
               strategy, strategy_reason, labels_per_class, model_name, model_version,
-              promoted, promotion_reason, data_version: {source, target}}
+              promoted, promotion_reason, data_version: {source, target},
+              data_version_kind: {source, target}, aliases_now: [str], champion_now}
     datasets: {source: dataset_summary(...), target: dataset_summary(...)}
     checks: [{check, passed, detail, level}]      # default: transfer_sense_checks(datasets)
     sample_efficiency: {curves: {strategy: {k: mean accuracy}}, notes: [str], epochs: int | None,
@@ -46,6 +47,8 @@ import numpy as np
 
 # summaries and sense checks live in transfer.checks (shared with validation); re-exported
 from transfer.checks import dataset_summary, transfer_sense_checks  # noqa: F401
+from transfer import plots
+from transfer.plots import plot_sample_efficiency  # noqa: F401  (re-exported: the report's API)
 from transfer.stats import format_p
 from transfer.config import Params, Strategy
 from transfer.errors import TransferError
@@ -348,193 +351,6 @@ def negative_points(curves: Mapping[str, Mapping[Any, float]], margin: float = 0
     return out
 
 
-# --------------------------------------------------------------------------- plots
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure  # Agg canvas, no pyplot state
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _norm_curves(curves: Mapping[str, Mapping[Any, float]]) -> dict[str, list[tuple[int, float]]]:
-    return {
-        name: sorted((int(k), float(v)) for k, v in curve.items())
-        for name, curve in curves.items()
-        if curve
-    }
-
-
-def _draw_curves(
-    ax: Any,
-    curves: Mapping[str, Mapping[Any, float]],
-    run_point: Mapping[str, Any] | None = None,
-    analysis: Mapping[str, Any] | None = None,
-) -> None:
-    """Means per k; with ``analysis`` (:func:`efficiency_analysis`) 95% error bars over seeds
-    and the classical floors as thin dotted lines."""
-    norm = _norm_curves(curves)
-    summary = (analysis or {}).get("summary") or {}
-    ks = sorted({k for points in norm.values() for k, _ in points})
-    colours = iter(
-        [
-            "tab:blue",
-            "tab:orange",
-            "tab:green",
-            "tab:purple",
-            "tab:brown",
-            "tab:pink",
-            "tab:olive",
-            "tab:cyan",
-            "tab:red",
-        ]
-    )
-    ordered = [n for n in norm if n == SCRATCH] + [n for n in norm if n != SCRATCH]
-    for name in ordered:
-        xs, ys = zip(*norm[name], strict=True)
-        err = _errors(summary.get(name) or {}, xs, ys)
-        style = (
-            {"linestyle": "--", "marker": "s", "color": "tab:gray", "label": "scratch (baseline)"}
-            if name == SCRATCH
-            else {"linestyle": "-", "marker": "o", "color": next(colours, None), "label": name}
-        )
-        if err is not None:
-            ax.errorbar(xs, ys, yerr=err, capsize=3, **style)
-        else:
-            ax.plot(xs, ys, **style)
-        for x, y in zip(xs, ys, strict=True):
-            ax.annotate(
-                f"{y:.2f}",
-                (x, y),
-                textcoords="offset points",
-                xytext=(0, 5),
-                ha="center",
-                fontsize=7,
-            )
-    floor_colours = iter(["darkred", "darkgoldenrod", "teal", "black"])  # apart from the strategies'
-    for name, row in ((analysis or {}).get("floors") or {}).items():
-        pts = sorted((int(k), float(v["mean"])) for k, v in row.items())
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, linestyle=":", linewidth=1.2, marker=".", color=next(floor_colours, None),
-                    label=f"floor: {name}")
-    if run_point and run_point.get("k"):
-        k = int(run_point["k"])
-        for key, label, colour in (
-            ("transfer_accuracy", f"this run: {run_point.get('strategy', 'transfer')}", "black"),
-            ("scratch_accuracy", "this run: scratch", "tab:gray"),
-        ):
-            if run_point.get(key) is not None:
-                ax.plot(
-                    [k],
-                    [float(run_point[key])],
-                    marker="*",
-                    markersize=13,
-                    linestyle="none",
-                    color=colour,
-                    label=label,
-                )
-                ks = sorted(set(ks) | {k})
-    if not ks:
-        ax.text(
-            0.5,
-            0.5,
-            "no sample-efficiency points",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
-        )
-        return
-    ax.set_xscale("log")
-    ax.set_xticks(ks, [str(k) for k in ks])
-    ax.minorticks_off()
-    if len(ks) == 1:
-        ax.set_xlim(ks[0] / 2, ks[0] * 2)
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("labelled target images per class (log scale)")
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-
-
-def _errors(summary: Mapping[Any, Mapping[str, Any]], xs: Sequence[int], ys: Sequence[float]) -> Any:
-    """(2, n) distances from each mean to its 95% interval ends; None without seed spread."""
-    rows = {int(k): v for k, v in summary.items()}
-    if not rows or any(x not in rows for x in xs):
-        return None
-    low = [max(y - float(rows[x]["ci_low"]), 0.0) for x, y in zip(xs, ys, strict=True)]
-    high = [max(float(rows[x]["ci_high"]) - y, 0.0) for x, y in zip(xs, ys, strict=True)]
-    return np.array([low, high]) if any(low) or any(high) else None
-
-
-def plot_sample_efficiency(
-    curves: Mapping[str, Mapping[Any, float]],
-    path: str | Path,
-    title: str = "Sample efficiency: accuracy vs labels per class",
-    run_point: Mapping[str, Any] | None = None,
-    analysis: Mapping[str, Any] | None = None,
-) -> Path:
-    """Accuracy vs k (log x), one line per strategy, scratch dashed, 95% error bars over
-    seeds and the classical floors dotted when ``analysis`` has them; PNG at ``path``."""
-    fig = _figure(7, 4.5)
-    ax = fig.subplots()
-    _draw_curves(ax, curves, run_point, analysis)
-    ax.set_title(title)
-    return _save(fig, path)
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
-    return path
-
-
-def _draw_confusion(
-    ax: Any, fig: Any, matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str
-) -> None:
-    cm = np.asarray(matrix, dtype=np.int64)
-    support = cm.sum(axis=1, keepdims=True)
-    rates = np.divide(cm, support, out=np.zeros(cm.shape), where=support > 0)
-    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of true class")
-    ticks = range(len(classes))
-    ax.set_xticks(
-        ticks, [str(c) for c in classes], rotation=45 if len(classes) > 10 else 0, fontsize=8
-    )
-    ax.set_yticks(ticks, [str(c) for c in classes], fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    if len(classes) <= 20:
-        for (i, j), count in np.ndenumerate(cm):
-            ax.text(
-                j,
-                i,
-                str(count),
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if rates[i, j] > 0.5 else "black",
-            )
-
-
-def _confusion_title(name: str, block: Mapping[str, Any]) -> str:
-    acc = block.get("accuracy")
-    return f"{name}" + (f" (accuracy {acc:.3f})" if acc is not None else "")
-
-
-def plot_confusion(block: Mapping[str, Any], name: str, path: str | Path) -> Path:
-    matrix, classes = (
-        block["matrix"],
-        block.get("classes") or [str(i) for i in range(len(block["matrix"]))],
-    )
-    size = 1.5 + 0.45 * len(classes)
-    fig = _figure(size + 1.2, size)
-    _draw_confusion(fig.subplots(), fig, matrix, classes, _confusion_title(name, block))
-    return _save(fig, path)
-
-
 # --------------------------------------------------------------------------- report data
 
 
@@ -673,11 +489,24 @@ def _section(anchor: str, title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
 
 
+def version_state(summary: Mapping[str, Any]) -> str:
+    """`` (promoted)``, `` (not promoted)`` at the run, checked against the registry now
+    (``aliases_now``, ``champion_now``): a rolled-back champion no longer reads as promoted."""
+    promoted = summary.get("promoted")
+    at_run = "" if promoted is None else (" (promoted)" if promoted else " (not promoted)")
+    if "aliases_now" not in summary or not promoted:
+        return at_run
+    if "champion" in summary["aliases_now"]:
+        return at_run
+    champion = summary.get("champion_now")
+    now = f"champion is now v{champion}" if champion else "no champion now"
+    return f" (promoted, no longer champion: {now})"
+
+
 def _summary_html(data: Mapping[str, Any]) -> str:
     s = data.get("summary") or {}
     gain = _gain(s)
     gain_cls = "" if gain is None else ("pos" if gain >= 0 else "neg")
-    promoted = s.get("promoted")
     version = f"v{s['model_version']}" if s.get("model_version") not in (None, "") else "n/a"
     cards = "".join(
         [
@@ -688,17 +517,7 @@ def _summary_html(data: Mapping[str, Any]) -> str:
                   gain_cls),
             _card("strategy", _e(s.get("strategy"))),
             _card("labels per class", _e(s.get("labels_per_class"))),
-            _card(
-                "model version",
-                html.escape(
-                    f"{version}"
-                    + (
-                        ""
-                        if promoted is None
-                        else (" (promoted)" if promoted else " (not promoted)")
-                    )
-                ),
-            ),
+            _card("model version", html.escape(f"{version}{version_state(s)}")),
         ]
     )
     negative = negative_transfer(s)
@@ -733,11 +552,13 @@ def _summary_html(data: Mapping[str, Any]) -> str:
     extra = []
     if s.get("promotion_reason"):
         extra.append(("promotion", html.escape(str(s["promotion_reason"]))))
-    versions = s.get("data_version") or {}
+    versions, kinds = s.get("data_version") or {}, s.get("data_version_kind") or {}
     for name in ("source", "target"):
         if versions.get(name):
+            kind = html.escape(kinds.get(name) or "version")
             extra.append(
-                (f"{name} data version", f"<code>{html.escape(str(versions[name]))}</code>")
+                (f"{name} data version", f"<code>{html.escape(str(versions[name]))}</code> "
+                 f'<span class="muted">({kind} of the {name} data this run read)</span>')
             )
     return banner + f'<div class="cards">{cards}</div>' + (_kv(extra) if extra else "")
 
@@ -885,7 +706,7 @@ def _efficiency_statements(analysis: Mapping[str, Any]) -> str:
 
 def _curve_html(data: Mapping[str, Any], curve_png: Path | None) -> str:
     se = data.get("sample_efficiency") or {}
-    curves = _norm_curves(se.get("curves") or {})
+    curves = plots.norm_curves(se.get("curves") or {})
     analysis = se.get("analysis") or {}
     summary = analysis.get("summary") or {}
     floors = analysis.get("floors") or {}
@@ -952,19 +773,6 @@ def _curve_html(data: Mapping[str, Any], curve_png: Path | None) -> str:
     return body
 
 
-def plot_calibration(calibration: Mapping[str, Any], path: str | Path) -> Path:
-    """The transfer model's reliability diagram before and after temperature scaling."""
-    from transfer.metrics import _figure, _save, draw_reliability
-
-    fig = _figure(9, 4.5)
-    before, after = fig.subplots(1, 2)
-    tables = calibration["reliability"]
-    draw_reliability(before, tables["uncalibrated"], "uncalibrated (T = 1)")
-    draw_reliability(after, tables["calibrated"], f"temperature T = {calibration.get('temperature') or 1:.2f}")
-    fig.suptitle("Test holdout: reliability before and after temperature scaling (T fitted on val)")
-    return _save(fig, path)
-
-
 def _calibration_html(data: Mapping[str, Any], png: Path | None) -> str:
     calibration = ((data.get("confusion") or {}).get("transfer") or {}).get("calibration") or {}
     if png is None or calibration.get("ece") is None:
@@ -1010,7 +818,9 @@ def _provenance_html(data: Mapping[str, Any]) -> str:
         ("origin", _e(src.get("origin"))),
         ("reused from an earlier run", _e(src.get("reused"))),
         ("initial weights", init_text or "n/a"),
-        ("source data version", f"<code>{_e(src.get('source_data_version'))}</code>"),
+        ("source data version", f"<code>{_e(src.get('source_data_version'))}</code> "
+         '<span class="muted">(manifest sha256 of the data the source model was trained on; '
+         "the summary's source version is this run's input)</span>"),
         ("source test accuracy", _e(src.get("source_test_accuracy"))),
         ("architecture", _e(src.get("arch"))),
         ("pretrain MLflow run", f"<code>{_e(src.get('run_id'))}</code>"),
@@ -1130,57 +940,21 @@ def _headline(data: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def plot_report_page(data: Mapping[str, Any], path: str | Path) -> Path:
-    """One page: headline numbers on top, curve + transfer + scratch confusion matrices below."""
-    fig = _figure(16, 7.2)
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1.0, 4.2])
-    title = str(data.get("title") or "Transfer report")
-    run_id = (data.get("run") or {}).get("run_id")
-    top.suptitle(title + (f"  (run {run_id})" if run_id else ""), fontsize=14, fontweight="bold")
-    negative = negative_transfer(data.get("summary") or {})
-    lines = _headline(data)
-    for i, line in enumerate(lines):
-        top.text(0.01, 0.62 - i * 0.24, line, fontsize=10, family="monospace", va="center")
-    if negative:
-        top.text(
-            0.99,
-            0.62,
-            "NEGATIVE TRANSFER",
-            fontsize=13,
-            color="white",
-            ha="right",
-            va="center",
-            fontweight="bold",
-            bbox={"facecolor": "#cf222e", "edgecolor": "none", "pad": 4},
-        )
-    axes = bottom.subplots(1, 3, width_ratios=[1.25, 1, 1])
-    se = data.get("sample_efficiency") or {}
-    _draw_curves(axes[0], se.get("curves") or {}, _run_point(data), se.get("analysis"))
-    axes[0].set_title("sample efficiency")
-    confusion = data.get("confusion") or {}
-    for ax, name in zip(axes[1:], ("transfer", "scratch"), strict=True):
-        block = confusion.get(name)
-        if block and block.get("matrix"):
-            classes = block.get("classes") or [str(i) for i in range(len(block["matrix"]))]
-            _draw_confusion(ax, bottom, block["matrix"], classes, _confusion_title(name, block))
-        else:
-            ax.axis("off")
-            ax.text(
-                0.5,
-                0.5,
-                f"{name}: no confusion matrix",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-            )
-    return _save(fig, path)
-
-
 # --------------------------------------------------------------------------- entry point
 
 
 def _jsonable(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
+
+
+def plot_report_page(data: Mapping[str, Any], path: str | Path) -> Path:
+    """The one-page PNG of the report data (``transfer.plots.plot_report_page``)."""
+    run_id = (data.get("run") or {}).get("run_id")
+    title = str(data.get("title") or "Transfer report") + (f"  (run {run_id})" if run_id else "")
+    return plots.plot_report_page(
+        path, title, _headline(data), negative_transfer(data.get("summary") or {}),
+        data.get("sample_efficiency") or {}, _run_point(data), data.get("confusion") or {},
+    )
 
 
 def build_report(data: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
@@ -1192,8 +966,8 @@ def build_report(data: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     se = data.get("sample_efficiency") or {}
-    if _norm_curves(se.get("curves") or {}):
-        paths["curve"] = plot_sample_efficiency(
+    if plots.norm_curves(se.get("curves") or {}):
+        paths["curve"] = plots.plot_sample_efficiency(
             se["curves"], out / "sample_efficiency.png", run_point=_run_point(data),
             analysis=se.get("analysis"),
         )
@@ -1201,12 +975,12 @@ def build_report(data: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path
     for name in ("transfer", "scratch"):
         block = (data.get("confusion") or {}).get(name)
         if block and block.get("matrix"):
-            confusion_pngs[name] = paths[f"confusion_{name}"] = plot_confusion(
+            confusion_pngs[name] = paths[f"confusion_{name}"] = plots.plot_confusion(
                 block, name, out / f"confusion_{name}.png"
             )
     calibration = ((data.get("confusion") or {}).get("transfer") or {}).get("calibration") or {}
     if (calibration.get("reliability") or {}).get("calibrated"):
-        paths["calibration"] = plot_calibration(calibration, out / "calibration.png")
+        paths["calibration"] = plots.plot_calibration(calibration, out / "calibration.png")
     paths["png"] = plot_report_page(data, out / "report.png")
     full = dict(data)
     full.setdefault("checks", _checks(data))
