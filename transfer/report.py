@@ -32,13 +32,13 @@ The ``data`` dict (every key optional; a missing part shows as "not available"):
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
-import html
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, get_args
@@ -378,14 +378,6 @@ def negative_transfer(summary: Mapping[str, Any]) -> bool | None:
     return float(gain) < -float(summary.get("negative_transfer_margin") or 0.0)
 
 
-def _ci(interval: Sequence[float] | None, sign: bool = False) -> str:
-    """`` [0.941, 0.969]``: a 95% interval after a figure (empty for runs that logged none)."""
-    if not interval:
-        return ""
-    fmt = "{:+.3f}" if sign else "{:.3f}"
-    return html.escape(f" [{fmt.format(interval[0])}, {fmt.format(interval[1])}]")
-
-
 def _gain(summary: Mapping[str, Any]) -> float | None:
     if summary.get("gain") is not None:
         return float(summary["gain"])
@@ -416,77 +408,19 @@ def _checks(data: Mapping[str, Any]) -> list[dict[str, Any]] | None:
 
 # --------------------------------------------------------------------------- HTML
 
-CSS = """
-:root { --ok:#1a7f37; --bad:#cf222e; --warn:#9a6700; --info:#0969da; --muted:#57606a;
-        --line:#d0d7de; }
-* { box-sizing: border-box; }
-body { font: 15px/1.5 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color:#1f2328;
-       max-width: 1120px; margin: 0 auto; padding: 24px 28px 60px; background:#fff; }
-h1 { font-size: 26px; margin: 0 0 4px; }
-h2 { font-size: 19px; border-bottom: 1px solid var(--line); padding-bottom: 6px; margin-top: 36px; }
-.sub, .muted { color: var(--muted); font-size: 13px; }
-code { font: 12.5px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background:#f6f8fa;
-       padding: 1px 4px; border-radius: 4px; word-break: break-all; }
-table { border-collapse: collapse; width: 100%; margin: 10px 0; font-size: 14px; }
-th, td { border: 1px solid var(--line); padding: 6px 9px; text-align: left; vertical-align: top; }
-th { background: #f6f8fa; font-weight: 600; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); gap: 12px; }
-.card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; }
-.card .label { color: var(--muted); font-size: 12px; text-transform: uppercase;
-               letter-spacing: .04em; }
-.card .value { font-size: 22px; font-weight: 600; }
-.pos { color: var(--ok); } .neg { color: var(--bad); }
-.badge { display: inline-block; min-width: 52px; text-align: center; font-size: 12px;
-         font-weight: 700; border-radius: 10px; padding: 1px 8px; color: #fff; }
-.badge.pass { background: var(--ok); } .badge.fail { background: var(--bad); }
-.badge.warn { background: var(--warn); } .badge.info { background: var(--info); }
-.banner { border-radius: 8px; padding: 12px 16px; margin: 16px 0; border: 1px solid; }
-.banner.danger { background: #ffebe9; border-color: #ff8182; color: #82071e; }
-.banner.good { background: #dafbe1; border-color: #4ac26b; color: #044f1e; }
-.banner.note { background: #fff8c5; border-color: #d4a72c; color: #4d2d00; }
-.figs { display: flex; flex-wrap: wrap; gap: 18px; }
-.figs figure { margin: 0; flex: 1 1 420px; }
-img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }
-figcaption { color: var(--muted); font-size: 13px; }
-dl.kv { display: grid; grid-template-columns: 220px 1fr; gap: 4px 14px; }
-dl.kv dt { color: var(--muted); } dl.kv dd { margin: 0; }
-ul.notes li { margin: 2px 0; }
-footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
-"""
+
+def _level(check: Mapping[str, Any]) -> str:
+    return str(check.get("level") or ("pass" if check.get("passed") else "fail"))
 
 
-def _e(value: Any) -> str:
-    return html.escape(_f(value))
-
-
-def png_data_uri(path: str | Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-def _img(path: str | Path, alt: str, caption: str | None = None) -> str:
-    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-    return f'<figure><img src="{png_data_uri(path)}" alt="{html.escape(alt)}">{cap}</figure>'
-
-
-def _na(what: str) -> str:
-    return f'<p class="muted">{html.escape(what)}: not available.</p>'
-
-
-def _card(label: str, value: str, cls: str = "") -> str:
-    return (
-        f'<div class="card"><div class="label">{html.escape(label)}</div>'
-        f'<div class="value {cls}">{value}</div></div>'
-    )
-
-
-def _kv(items: Iterable[tuple[str, str]]) -> str:
-    rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{v}</dd>" for k, v in items)
-    return f'<dl class="kv">{rows}</dl>'
-
-
-def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
+def _size_text(summary: Mapping[str, Any]) -> str:
+    w, h = summary.get("width"), summary.get("height")
+    if not w or not h:
+        return "n/a"
+    text = f"{w['median']:g}x{h['median']:g}"
+    if (w["min"], h["min"]) != (w["max"], h["max"]):
+        text += f" ({w['min']}x{h['min']} .. {w['max']}x{h['max']})"
+    return text
 
 
 def version_state(summary: Mapping[str, Any]) -> str:
@@ -503,376 +437,60 @@ def version_state(summary: Mapping[str, Any]) -> str:
     return f" (promoted, no longer champion: {now})"
 
 
-def _summary_html(data: Mapping[str, Any]) -> str:
-    s = data.get("summary") or {}
-    gain = _gain(s)
-    gain_cls = "" if gain is None else ("pos" if gain >= 0 else "neg")
-    version = f"v{s['model_version']}" if s.get("model_version") not in (None, "") else "n/a"
-    cards = "".join(
-        [
-            _card("transfer accuracy", _e(s.get("transfer_accuracy")) + _ci(s.get("transfer_accuracy_ci"))),
-            _card("scratch accuracy", _e(s.get("scratch_accuracy")) + _ci(s.get("scratch_accuracy_ci"))),
-            _card("gain over scratch", html.escape(_f(gain, sign=True)) + _ci(s.get("gain_ci"), sign=True)
-                  + (f" p = {html.escape(format_p(s['gain_p_value']))}" if s.get("gain_p_value") is not None else ""),
-                  gain_cls),
-            _card("strategy", _e(s.get("strategy"))),
-            _card("labels per class", _e(s.get("labels_per_class"))),
-            _card("model version", html.escape(f"{version}{version_state(s)}")),
-        ]
+def png_data_uri(path: str | Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _curve_ks(curves: Mapping[str, Sequence[tuple[int, float]]]) -> list[int]:
+    return sorted({k for pts in curves.values() for k, _ in pts})
+
+
+def _curve_rows(curves: Mapping[str, Sequence[tuple[int, float]]], summary: Mapping[str, Any],
+                floors: Mapping[str, Any]) -> list[tuple[str, dict[int, float], dict[int, Any]]]:
+    """(name, {k: mean}, {k: 95% interval row}) per line of the table: scratch, strategies, floors."""
+    def spread(rows: Mapping[Any, Any] | None) -> dict[int, Any]:
+        return {int(k): v for k, v in (rows or {}).items()}
+
+    rows = [(name, dict(pts), spread(summary.get(name)))
+            for name, pts in sorted(curves.items(), key=lambda kv: kv[0] != SCRATCH)]
+    rows += [(f"floor: {name}", {int(k): float(v["mean"]) for k, v in frow.items()}, spread(frow))
+             for name, frow in floors.items()]
+    return rows
+
+
+def _floor_verdicts(analysis: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
+    verdicts = (analysis.get("floor_verdicts") or {}).items()
+    return [(int(k), v) for k, v in sorted(verdicts, key=lambda kv: int(kv[0])) if v.get("vs")]
+
+
+def _plain_ci(interval: Sequence[float] | None, sign: bool = False) -> str:
+    """`` [0.941, 0.969]``: a 95% interval after a figure (empty for runs that logged none)."""
+    if not interval:
+        return ""
+    fmt = "{:+.3f}" if sign else "{:.3f}"
+    return f" [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
+
+
+@functools.cache
+def _templates() -> Any:
+    """The package's Jinja2 templates, autoescaped: every value from a run is text."""
+    from jinja2 import Environment, PackageLoader, Undefined
+
+    def f(value: Any, digits: int = 3, sign: bool = False) -> str:  # a missing key reads "n/a"
+        return _f(None if isinstance(value, Undefined) else value, digits, sign)
+
+    env = Environment(
+        loader=PackageLoader("transfer", "templates"),
+        autoescape=True,
+        extensions=["jinja2.ext.do"],
     )
-    negative = negative_transfer(s)
-    margin = float(s.get("negative_transfer_margin") or 0.0)
-    if negative:
-        banner = (
-            f'<div class="banner danger" id="negative-transfer-warning" role="alert"><strong>'
-            f"Negative transfer:</strong> the fine-tuned model scores "
-            f"{_e(s.get('transfer_accuracy'))}, below the same budget trained from scratch "
-            f"({_e(s.get('scratch_accuracy'))}; gain {html.escape(_f(gain, sign=True))}, "
-            f"negative-transfer margin {margin:g}). The source features hurt this target: check "
-            "the transfer-sense checks, try another strategy or drop the source.</div>"
-        )
-    elif negative is None:
-        banner = (
-            '<div class="banner note">No scratch baseline recorded: '
-            "the transfer gain is unknown.</div>"
-        )
-    elif s.get("gain_verdict") and s["gain_verdict"] != "significant gain":
-        banner = (
-            f'<div class="banner note">{html.escape(str(s["gain_verdict"]).capitalize())}: '
-            f"{html.escape(_f(gain, sign=True))}{_ci(s.get('gain_ci'), sign=True)} test accuracy over the "
-            "same budget trained from scratch (paired on the same test images).</div>"
-        )
-    else:
-        banner = (
-            f'<div class="banner good">Transfer helped: {html.escape(_f(gain, sign=True))}'
-            f"{_ci(s.get('gain_ci'), sign=True)} test accuracy over the same budget trained from scratch"
-            + (f" (significant: McNemar p = {html.escape(format_p(s['gain_p_value']))})"
-               if s.get("gain_p_value") is not None else "") + ".</div>"
-        )
-    extra = []
-    if s.get("promotion_reason"):
-        extra.append(("promotion", html.escape(str(s["promotion_reason"]))))
-    versions, kinds = s.get("data_version") or {}, s.get("data_version_kind") or {}
-    for name in ("source", "target"):
-        if versions.get(name):
-            kind = html.escape(kinds.get(name) or "version")
-            extra.append(
-                (f"{name} data version", f"<code>{html.escape(str(versions[name]))}</code> "
-                 f'<span class="muted">({kind} of the {name} data this run read)</span>')
-            )
-    return banner + f'<div class="cards">{cards}</div>' + (_kv(extra) if extra else "")
-
-
-def _size_text(summary: Mapping[str, Any]) -> str:
-    w, h = summary.get("width"), summary.get("height")
-    if not w or not h:
-        return "n/a"
-    text = f"{w['median']:g}x{h['median']:g}"
-    if (w["min"], h["min"]) != (w["max"], h["max"]):
-        text += f" ({w['min']}x{h['min']} .. {w['max']}x{h['max']})"
-    return text
-
-
-def _data_html(data: Mapping[str, Any]) -> str:
-    datasets = data.get("datasets") or {}
-    if not datasets:
-        return _na("dataset manifests")
-    head = (
-        "<tr><th>dataset</th><th class=num>classes</th><th class=num>train</th>"
-        "<th class=num>val</th>"
-        "<th class=num>test</th><th class=num>unlabelled</th><th class=num>total</th>"
-        "<th class=num>unreadable</th><th>image size (median)</th><th>channels / modes</th></tr>"
+    env.globals.update(
+        f=f, ci=_plain_ci, p=format_p, gain_of=_gain, negative_transfer=negative_transfer,
+        version_state=version_state, size_text=_size_text, data_uri=png_data_uri,
+        norm_curves=plots.norm_curves, curve_ks=_curve_ks, curve_rows=_curve_rows,
+        floor_verdicts=_floor_verdicts, negative_points=negative_points,
     )
-    rows = []
-    for name in ("source", "target"):
-        d = datasets.get(name)
-        if not d:
-            rows.append(
-                f"<tr><td>{name}</td><td colspan=9 class=muted>manifest not available</td></tr>"
-            )
-            continue
-        sp = d.get("splits") or {}
-        cells = [
-            len(d.get("classes", [])),
-            sp.get("train", 0),
-            sp.get("val", 0),
-            sp.get("test", 0),
-            sp.get("unlabelled", 0),
-            d.get("n_images", 0),
-            d.get("n_unreadable", 0),
-        ]
-        nums = "".join(f"<td class=num>{c:,}</td>" for c in cells)
-        rows.append(
-            f"<tr><td><strong>{name}</strong></td>{nums}<td>{html.escape(_size_text(d))}</td>"
-            f"<td>{html.escape(str(d.get('channels')))} / "
-            f"{html.escape(', '.join(d.get('modes', [])))}</td></tr>"
-        )
-    body = f"<table>{head}{''.join(rows)}</table>"
-    target = datasets.get("target") or {}
-    if target.get("labelled_budget"):
-        body += (
-            "<p>Target labelled budget used for training: "
-            f"<strong>{target['labels_per_class']}</strong> labels per class x "
-            f"{len(target.get('classes', []))} classes = "
-            f"<strong>{target['labelled_budget']:,}</strong> images (the rest of the train split "
-            "is not used; the test split is fixed).</p>"
-        )
-    for name in ("source", "target"):
-        d = datasets.get(name) or {}
-        per_class = d.get("per_class") or {}
-        if not per_class:
-            continue
-        splits = [
-            s for s in ("train", "val", "test", "unlabelled") if (d.get("splits") or {}).get(s)
-        ]
-        header = "".join(f"<th class=num>{s}</th>" for s in splits)
-        shown = list(per_class.items())[:60]
-        lines = "".join(
-            f"<tr><td>{html.escape(c)}</td>"
-            + "".join(f"<td class=num>{n.get(s, 0):,}</td>" for s in splits)
-            + "</tr>"
-            for c, n in shown
-        )
-        more = (
-            f"<p class=muted>... and {len(per_class) - len(shown)} more classes</p>"
-            if len(per_class) > len(shown)
-            else ""
-        )
-        body += (
-            f"<details><summary>{name}: images per class and split</summary>"
-            f"<table><tr><th>class</th>{header}</tr>{lines}</table>{more}</details>"
-        )
-    return body
-
-
-def _level(check: Mapping[str, Any]) -> str:
-    return str(check.get("level") or ("pass" if check.get("passed") else "fail"))
-
-
-def _checks_html(checks: list[dict[str, Any]] | None) -> str:
-    if checks is None:
-        return _na("transfer-sense checks (need both dataset manifests)")
-    rows = "".join(
-        f'<tr><td><span class="badge {html.escape(_level(c))}">{html.escape(_level(c).upper())}'
-        f"</span></td><td><code>{html.escape(str(c['check']))}</code></td>"
-        f"<td>{html.escape(str(c['detail']))}</td></tr>"
-        for c in checks
-    )
-    failed = [str(c["check"]) for c in checks if _level(c) == "fail"]
-    verdict = (
-        f'<div class="banner note">Transfer may not pay off here: {html.escape(", ".join(failed))} '
-        "failed.</div>"
-        if failed
-        else ""
-    )
-    return (
-        verdict + "<p>Transfer makes sense when source and target share the input kind, the source "
-        "has far more data than the target budget, and low-level source features help.</p>"
-        f"<table><tr><th>result</th><th>check</th><th>detail</th></tr>{rows}</table>"
-    )
-
-
-def _cell(mean: float, row: Mapping[str, Any] | None) -> str:
-    if not row or int(len(row.get("values") or [])) < 2:
-        return f"{mean:.3f}"
-    low, high = max(float(row["ci_low"]), 0.0), min(float(row["ci_high"]), 1.0)  # accuracies live in [0, 1]
-    return f"{mean:.3f} <span class=muted>[{low:.3f}, {high:.3f}]</span>"
-
-
-def _efficiency_statements(analysis: Mapping[str, Any]) -> str:
-    """Labels saved, where the gain stops being significant, and the floors verdict per k."""
-    items = []
-    saved = analysis.get("labels_saved") or {}
-    if saved.get("text"):
-        basis = analysis.get("basis", "validation")
-        who = f" ({saved['strategy']}, best on {basis})" if saved.get("strategy") else ""
-        items.append(f"<strong>Labels saved</strong>{html.escape(who)}: {html.escape(saved['text'])}.")
-    stops = analysis.get("gain_stops_significant") or {}
-    if stops.get("text"):
-        items.append(f"<strong>Significance of the gain</strong> (best strategy per k, paired t-test "
-                     f"across {analysis.get('n_seeds', '?')} seeds): {html.escape(stops['text'])}.")
-    for k, v in sorted((analysis.get("floor_verdicts") or {}).items(), key=lambda kv: int(kv[0])):
-        if not v.get("vs"):
-            continue
-        if v.get("beats_all"):
-            verdict = "beats all three classical floors"
-        else:
-            missed = html.escape(", ".join(v.get("not_beaten") or []))
-            verdict = f"does <strong>not</strong> beat {missed} significantly"
-        detail = ", ".join(f"{html.escape(f)} {g['mean']:+.3f}" for f, g in v["vs"].items())
-        items.append(f"k={int(k)}: {html.escape(str(v['strategy']))} {verdict} ({detail}).")
-    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>" if items else ""
-
-
-def _curve_html(data: Mapping[str, Any], curve_png: Path | None) -> str:
-    se = data.get("sample_efficiency") or {}
-    curves = plots.norm_curves(se.get("curves") or {})
-    analysis = se.get("analysis") or {}
-    summary = analysis.get("summary") or {}
-    floors = analysis.get("floors") or {}
-    if not curves:
-        body = _na("sample-efficiency sweep")
-    else:
-        ks = sorted({k for pts in curves.values() for k, _ in pts})
-        header = "".join(f"<th class=num>k={k}</th>" for k in ks)
-
-        def row(name: str, pts: Mapping[int, float], spread: Mapping[Any, Any]) -> str:
-            spread = {int(k): v for k, v in (spread or {}).items()}
-            return f"<tr><td>{html.escape(name)}</td>" + "".join(
-                f"<td class=num>{_cell(pts[k], spread.get(k))}</td>" if k in pts else "<td class=num>-</td>"
-                for k in ks
-            ) + "</tr>"
-
-        rows = "".join(
-            row(name, dict(pts), summary.get(name) or {})
-            for name, pts in sorted(curves.items(), key=lambda kv: kv[0] != SCRATCH)
-        )
-        rows += "".join(
-            row(f"floor: {name}", {int(k): float(v["mean"]) for k, v in frow.items()}, frow)
-            for name, frow in floors.items()
-        )
-        epochs = se.get("epochs")
-        n_seeds = analysis.get("n_seeds") or 1
-        body = (
-            _img(
-                curve_png,
-                "sample-efficiency curve",
-                "Test accuracy vs labelled images per class: "
-                "scratch (dashed), each fine-tuning strategy, classical floors (dotted); "
-                "error bars: 95% interval over seeds; stars mark this run.",
-            )
-            if curve_png
-            else ""
-        )
-        body += (
-            f"<table><tr><th>strategy</th>{header}</tr>{rows}</table>"
-            f"<p class=muted>Each point trains with this run's params except labels per class"
-            f"{f' and epochs={epochs} (quick sweep)' if epochs is not None else ''}, "
-            f"over {n_seeds} seed(s) (each draws the k-label subset and the init): mean test accuracy "
-            "[95% t-interval over seeds] on the fixed target test split. Strategies are ranked on the "
-            "validation split; floors are logistic regression, RBF SVC and LabelSpreading (with the "
-            "unlabelled pool) on raw pixels, same k-label subsets.</p>"
-        )
-        body += _efficiency_statements(analysis)
-        margin = float((data.get("summary") or {}).get("negative_transfer_margin") or 0.0)
-        worse = negative_points(se.get("curves") or {}, margin)
-        if worse:
-            body += (
-                '<div class="banner note"><strong>Scratch beats transfer at some budgets:'
-                "</strong><ul>"
-                + "".join(f"<li>{html.escape(w)}</li>" for w in worse)
-                + "</ul></div>"
-            )
-    notes = list(se.get("notes") or [])
-    if notes:
-        body += (
-            '<ul class="notes muted">'
-            + "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-            + "</ul>"
-        )
-    return body
-
-
-def _calibration_html(data: Mapping[str, Any], png: Path | None) -> str:
-    calibration = ((data.get("confusion") or {}).get("transfer") or {}).get("calibration") or {}
-    if png is None or calibration.get("ece") is None:
-        return _na("calibration (this run recorded no reliability table)")
-    text = (f"<p>Expected calibration error on the test holdout: "
-            f"{calibration['ece_uncalibrated']:.3f} before, <b>{calibration['ece']:.3f}</b> after temperature "
-            f"scaling (T = {calibration['temperature']:.2f}, fitted on the validation split; the served "
-            "model applies the same T, so its probabilities are the calibrated ones).</p>")
-    return text + _img(png, "reliability diagrams", "bars: accuracy per confidence bin; diagonal: perfect calibration")
-
-
-def _confusion_html(pngs: Mapping[str, Path]) -> str:
-    if not pngs:
-        return _na("confusion matrices")
-    figs = "".join(
-        _img(
-            path,
-            f"confusion matrix: {name}",
-            f"{name}: rows = true class, colour = fraction of the true class, numbers = counts",
-        )
-        for name, path in pngs.items()
-    )
-    return f'<div class="figs">{figs}</div>'
-
-
-def _provenance_html(data: Mapping[str, Any]) -> str:
-    src = data.get("source_model") or {}
-    if not src:
-        return _na("source model provenance")
-    init = src.get("initial_weights") or {}
-    init_text = (
-        f"{html.escape(str(init.get('weights', 'n/a')))}"
-        + (
-            f" (sha256 <code>{html.escape(str(init['sha256']))}</code>)"
-            if init.get("sha256")
-            else ""
-        )
-        if isinstance(init, Mapping)
-        else html.escape(str(init))
-    )
-    items = [
-        ("weights sha256", f"<code>{_e(src.get('weights_sha256'))}</code>"),
-        ("origin", _e(src.get("origin"))),
-        ("reused from an earlier run", _e(src.get("reused"))),
-        ("initial weights", init_text or "n/a"),
-        ("source data version", f"<code>{_e(src.get('source_data_version'))}</code> "
-         '<span class="muted">(manifest sha256 of the data the source model was trained on; '
-         "the summary's source version is this run's input)</span>"),
-        ("source test accuracy", _e(src.get("source_test_accuracy"))),
-        ("architecture", _e(src.get("arch"))),
-        ("pretrain MLflow run", f"<code>{_e(src.get('run_id'))}</code>"),
-        ("model dir", f"<code>{_e(src.get('model_dir'))}</code>"),
-    ]
-    body = _kv(items)
-    recorded, actual = src.get("recorded_weights_sha256"), src.get("weights_sha256")
-    if recorded and actual and recorded != actual:
-        body = (
-            '<div class="banner danger"><strong>Provenance mismatch:</strong> the run '
-            f"recorded source weights <code>{html.escape(str(recorded))}</code> but the model "
-            f"used here hashes to <code>{html.escape(str(actual))}</code>.</div>"
-        ) + body
-    origin = str(src.get("origin") or "")
-    if origin and not origin.startswith("pretrained here"):
-        body += (
-            '<div class="banner note">The source weights were not trained by this pipeline: '
-            "a transferred model inherits its source's flaws (backdoors, spurious features). "
-            f"Audit where <code>{html.escape(origin)}</code> came from.</div>"
-        )
-    return (
-        "<p>A transferred model inherits its source model's flaws, so the source must be "
-        "traceable.</p>" + body
-    )
-
-
-def _strategy_html(data: Mapping[str, Any]) -> str:
-    s = data.get("summary") or {}
-    if not s.get("strategy"):
-        return _na("fine-tuning strategy")
-    items = [
-        ("strategy", f"<strong>{_e(s.get('strategy'))}</strong>"),
-        ("reason", _e(s.get("strategy_reason"))),
-        ("labels per class", _e(s.get("labels_per_class"))),
-    ]
-    rule = s.get("strategy_rule")
-    if rule:
-        items.append(("auto rule", html.escape(str(rule))))
-    return _kv(items)
-
-
-def _run_line(data: Mapping[str, Any]) -> str:
-    run = data.get("run") or {}
-    parts = []
-    if run.get("run_id"):
-        parts.append(f"MLflow run <code>{html.escape(str(run['run_id']))}</code>")
-    for key in ("run_name", "experiment", "status", "start_time"):
-        if run.get(key):
-            parts.append(f"{key.replace('_', ' ')}: {html.escape(str(run[key]))}")
-    if run.get("git_commit"):
-        parts.append(f"git <code>{html.escape(str(run['git_commit'])[:12])}</code>")
-    return " &middot; ".join(parts)
+    return env
 
 
 def render_html(
@@ -882,41 +500,15 @@ def render_html(
     summary_png: Path | None = None,
     calibration_png: Path | None = None,
 ) -> str:
-    title = str(data.get("title") or "Transfer report")
-    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    notes = list(data.get("notes") or [])
-    sections = [
-        _section("summary", "Summary", _summary_html(data)),
-        _section("data-sizes", "Data sizes", _data_html(data)),
-        _section("transfer-checks", "Does transfer make sense?", _checks_html(_checks(data))),
-        _section("sample-efficiency", "Sample efficiency", _curve_html(data, curve_png)),
-        _section("confusion-matrices", "Confusion matrices", _confusion_html(confusion_pngs)),
-        _section("calibration", "Calibration", _calibration_html(data, calibration_png)),
-        _section("provenance", "Source model provenance", _provenance_html(data)),
-        _section("strategy", "Fine-tuning strategy", _strategy_html(data)),
-    ]
-    if notes:
-        sections.append(
-            _section(
-                "report-notes",
-                "Report notes",
-                '<ul class="notes">'
-                + "".join(f"<li>{html.escape(str(n))}</li>" for n in notes)
-                + "</ul>",
-            )
-        )
-    if summary_png is not None:
-        sections.append(
-            _section("one-page", "One-page summary", _img(summary_png, "one-page summary"))
-        )
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
-        f'<header><h1>{html.escape(title)}</h1><p class="sub">{_run_line(data)}</p></header>\n'
-        + "\n".join(sections)
-        + f"\n<footer>Generated {now} by transfer-pipeline (<code>transfer report</code>).</footer>"
-        "\n</body></html>\n"
+    """The self-contained report page (``transfer/templates/report.html.j2``)."""
+    checks = _checks(data)
+    return _templates().get_template("report.html.j2").render(
+        data=data,
+        title=str(data.get("title") or "Transfer report"),
+        now=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        checks=None if checks is None else [{**c, "level_": _level(c)} for c in checks],
+        curve_png=curve_png, confusion_pngs=confusion_pngs, summary_png=summary_png,
+        calibration_png=calibration_png,
     )
 
 
