@@ -13,6 +13,7 @@ import ast
 import json
 import logging
 import tempfile
+import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -442,16 +443,18 @@ def report_for_run(
     curves: core.Curves | None = None
     if source_path is not None and ks and strategies:
         try:
-            curves = core.sample_efficiency(
-                rp,
-                source_path,
-                ks,
-                strategies,
-                Path(params.runtime.artifacts_dir) / "report" / "sweep",
-                progress,
-                epochs=epochs,
-                seeds=[rp.runtime.seed + i for i in range(max(int(seeds), 1))],
-            )
+            with warnings.catch_warnings():  # a warning repeated by every sweep point shows once
+                warnings.simplefilter("once")
+                curves = core.sample_efficiency(
+                    rp,
+                    source_path,
+                    ks,
+                    strategies,
+                    Path(params.runtime.artifacts_dir) / "report" / "sweep",
+                    progress,
+                    epochs=epochs,
+                    seeds=[rp.runtime.seed + i for i in range(max(int(seeds), 1))],
+                )
         except TransferError as error:
             data["notes"].append(f"sample-efficiency sweep failed: {error}")
     if curves is not None:

@@ -326,9 +326,18 @@ def report(
     seeds: Annotated[int, typer.Option(min=1, help="seeds per curve point (error bars, paired t-test)")] = 3,
 ) -> None:
     """HTML + PNG transfer report of a run, also logged to its MLflow run."""
+    import logging
+
     from tasks.report import report_for_run
 
     params = _params(params_file, overrides)
+    # say what it computes: a line per sweep point trained (cached ones are reused) and per epoch
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("transfer").addHandler(handler)
+    logging.getLogger("transfer").setLevel(logging.INFO)
+    _note(f"sample-efficiency sweep: k={ks}, {strategies} and scratch, {seeds} seed(s) per point; "
+          f"points already under {params.runtime.artifacts_dir}/report/sweep are reused")
     paths = report_for_run(params, run_id, out, [int(k) for k in ks.split(",")],
                            [s for s in strategies.split(",") if s], epochs, seeds=seeds)
     for name, path in paths.items():

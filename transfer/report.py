@@ -47,7 +47,7 @@ import numpy as np
 
 # summaries and sense checks live in transfer.checks (shared with validation); re-exported
 from transfer.checks import dataset_summary, transfer_sense_checks  # noqa: F401
-from transfer import plots
+from transfer import fingerprint, plots
 from transfer.plots import plot_sample_efficiency  # noqa: F401  (re-exported: the report's API)
 from transfer.stats import format_p
 from transfer.config import Params, Strategy
@@ -170,6 +170,7 @@ def sample_efficiency(
         "size": size,
         "channels": channels,
     }
+    total, done = len(names) * len(usable) * len(seed_list), 0
     for name in names:
         for k in usable:
             try:
@@ -181,8 +182,13 @@ def sample_efficiency(
                     if epochs is not None:
                         p.finetune.epochs = epochs
                     source_sha = None if name == SCRATCH else source_meta.get("weights_sha256")
-                    key = _key({**base, "seed": seed}, name, p.finetune.model_dump(mode="json"), source_sha)
+                    # the code fingerprint too: after an edit to transfer/ a point is retrained
+                    key = _key({**base, "seed": seed, "code": fingerprint.code_fingerprint()}, name,
+                               p.finetune.model_dump(mode="json"), source_sha)
                     point_dir = Path(work_dir) / f"{name}-k{k}-s{seed}-{key}"
+                    done += 1
+                    if not (point_dir / "result.json").exists():
+                        log.info("sample efficiency %d/%d: training %s k=%d seed=%d", done, total, name, k, seed)
                     acc, seconds, cached = _point(
                         stages, p, name, source_model_dir, point_dir, eval_splits, device, progress,
                         keep_models,

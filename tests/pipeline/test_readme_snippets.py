@@ -72,6 +72,8 @@ def test_readme_snippets_work_as_written_after_a_run(dvc_repo: Path) -> None:
     first = _sh("transfer run", dvc_repo)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (dvc_repo / "mlruns" / "mlflow.db").is_file()
+    log = first.stdout + first.stderr  # progress: one line per training epoch through Prefect's log
+    assert re.search(r"Task run 'pretrain-source-\w+' - pretrain \(source\): epoch 4/4 loss ", log), log[-3000:]
 
     snippet = blocks("python")[0]
     proc = subprocess.run([sys.executable, "-c", snippet], cwd=dvc_repo, env=_env(), capture_output=True,
