@@ -32,7 +32,6 @@ The ``data`` dict (every key optional; a missing part shows as "not available"):
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import json
 import logging
@@ -47,7 +46,7 @@ import numpy as np
 
 # summaries and sense checks live in transfer.checks (shared with validation); re-exported
 from transfer.checks import dataset_summary, transfer_sense_checks  # noqa: F401
-from transfer import fingerprint, plots
+from transfer import fingerprint, plots, templating
 from transfer.plots import plot_sample_efficiency  # noqa: F401  (re-exported: the report's API)
 from transfer.stats import format_p
 from transfer.config import Params, Strategy
@@ -477,26 +476,19 @@ def _plain_ci(interval: Sequence[float] | None, sign: bool = False) -> str:
     return f" [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
 
 
-@functools.cache
-def _templates() -> Any:
-    """The package's Jinja2 templates, autoescaped: every value from a run is text."""
-    from jinja2 import Environment, PackageLoader, Undefined
+def _helpers() -> dict[str, Any]:
+    """What the report template calls (formatting and the report's own reading of the data)."""
+    from jinja2 import Undefined
 
     def f(value: Any, digits: int = 3, sign: bool = False) -> str:  # a missing key reads "n/a"
         return _f(None if isinstance(value, Undefined) else value, digits, sign)
 
-    env = Environment(
-        loader=PackageLoader("transfer", "templates"),
-        autoescape=True,
-        extensions=["jinja2.ext.do"],
-    )
-    env.globals.update(
+    return dict(
         f=f, ci=_plain_ci, p=format_p, gain_of=_gain, negative_transfer=negative_transfer,
         version_state=version_state, size_text=_size_text, data_uri=png_data_uri,
         norm_curves=plots.norm_curves, curve_ks=_curve_ks, curve_rows=_curve_rows,
         floor_verdicts=_floor_verdicts, negative_points=negative_points,
     )
-    return env
 
 
 def render_html(
@@ -508,7 +500,8 @@ def render_html(
 ) -> str:
     """The self-contained report page (``transfer/templates/report.html.j2``)."""
     checks = _checks(data)
-    return _templates().get_template("report.html.j2").render(
+    return templating.render(
+        "report.html.j2", **_helpers(),
         data=data,
         title=str(data.get("title") or "Transfer report"),
         now=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
