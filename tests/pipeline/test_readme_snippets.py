@@ -57,7 +57,7 @@ def _env() -> dict[str, str]:
 def _sh(line: str, cwd: Path) -> subprocess.CompletedProcess:
     argv = shlex.split(line)
     argv[0] = str(BIN / argv[0])  # this venv's `transfer`
-    return subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    return subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1800)
 
 
 def test_the_readme_names_the_snippets_this_test_runs() -> None:
