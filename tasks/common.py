@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefect import task
@@ -75,3 +77,41 @@ def quiet_user_errors_on_console() -> None:
     for handler in {h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)}:
         if not any(isinstance(f, UserErrorConsoleFilter) for f in handler.filters):
             handler.addFilter(UserErrorConsoleFilter())
+
+
+class _ToRunLogger(logging.Handler):
+    """Forwards this thread's records (tasks may run side by side on threads) to a run logger."""
+
+    def __init__(self, run_logger: Any) -> None:
+        super().__init__(logging.INFO)
+        self.run_logger, self.thread = run_logger, threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.run_logger.log(record.levelno, record.getMessage())
+
+
+@contextlib.contextmanager
+def core_logs_in_prefect() -> Iterator[None]:
+    """The core's INFO lines (``transfer.*``: one per training epoch) in the task run's log,
+    so a flow's long pretraining shows its progress in the CLI and the Prefect UI."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        run_logger = get_run_logger()
+    except MissingContextError:  # called outside a flow or task run: nothing to forward to
+        yield
+        return
+    core = logging.getLogger("transfer")
+    handler = _ToRunLogger(run_logger)
+    level, propagate = core.level, core.propagate
+    core.addHandler(handler)
+    core.setLevel(logging.INFO)
+    core.propagate = False  # the run logger prints them once; root handlers would repeat them
+    try:
+        yield
+    finally:
+        core.removeHandler(handler)
+        core.setLevel(level)
+        core.propagate = propagate

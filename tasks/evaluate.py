@@ -10,7 +10,7 @@ from tasks import tracking
 from tasks.common import stage_task
 from transfer import stages, stats
 from transfer.config import Params
-from transfer.metrics import plot_transfer_gain
+from transfer.plots import plot_transfer_gain
 
 SUMMARY_METRICS = ("accuracy", "macro_f1", "ece", "ece_uncalibrated")
 

@@ -30,7 +30,8 @@ def recent_runs(params: Params, limit: int = 10) -> list[dict[str, Any]]:
                 ).strftime("%Y-%m-%d %H:%M:%S"),
                 "run_id": run.info.run_id,
                 "status": run.info.status,
-                "strategy": tags.get("strategy") or tags.get("finetune.strategy", ""),
+                "strategy": _strategy(tags),
+                "model_name": tags.get("model_name", ""),
                 "test_accuracy": _with_ci(metrics, "test_accuracy"),
                 "scratch_test_accuracy": _with_ci(metrics, "scratch_test_accuracy"),
                 "gain": _gain(metrics),
@@ -39,6 +40,15 @@ def recent_runs(params: Params, limit: int = 10) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _strategy(tags: dict[str, str]) -> str:
+    """The strategy the run trained (``auto`` resolved); a run that stopped before fine-tuning
+    shows what it asked for."""
+    if tags.get("strategy"):
+        return tags["strategy"]
+    requested = tags.get("finetune.strategy")
+    return f"{requested} (not trained)" if requested else ""
 
 
 def _with_ci(metrics: dict[str, float], key: str) -> str:

@@ -90,6 +90,7 @@ def finish_pipeline_run(
     tracking.log_json(client, run_id, summary, "summary.json")
     if ok and "model_version" in summary:
         client.update_run(run_id, name=run_name(summary))
+        tracking.set_tags(client, run_id, {"model_name": summary.get("model_name")})  # `transfer runs`
     tracking.end_run(client, run_id, ok=ok)
     if ok:
         create_markdown_artifact(

@@ -13,6 +13,7 @@ import ast
 import json
 import logging
 import tempfile
+import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -278,8 +279,21 @@ def _interval(metrics: dict[str, float], key: str) -> list[float] | None:
     return None if low is None or high is None else [low, high]
 
 
+def _registry_state(client: MlflowClient, name: str, version: Any) -> dict[str, Any]:
+    """The version's aliases now and the current champion: what the run recorded at promotion
+    goes stale after a rollback."""
+    if version in (None, ""):
+        return {}
+    try:
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException:
+        return {}
+    return {"aliases_now": sorted(a for a, v in aliases.items() if str(v) == str(version)),
+            "champion_now": aliases.get("champion")}
+
+
 def _summary(
-    run: Run, recorded: dict[str, Any], children: dict[str, Run], rp: Params
+    client: MlflowClient, run: Run, recorded: dict[str, Any], children: dict[str, Run], rp: Params
 ) -> dict[str, Any]:
     metrics, tags = run.data.metrics, run.data.tags
     tuned = children.get("finetune")
@@ -316,9 +330,16 @@ def _summary(
         "model_name": recorded.get("model_name", rp.model_name()),
         "model_version": recorded.get("model_version", tags.get("model_version")),
         "promoted": _bool(recorded.get("promoted", tags.get("promoted"))),
+        **_registry_state(client, recorded.get("model_name", rp.model_name()),
+                          recorded.get("model_version", tags.get("model_version"))),
         "promotion_reason": recorded.get("promotion_reason"),
         "data_version": {
             name: tags.get(f"data.{name}.dvc_md5") or tags.get(f"data.{name}.version")
+            for name in ("source", "target")
+        },
+        # what each hash is: the DVC md5 of the folder (dvc.lock), else the manifest hash
+        "data_version_kind": {
+            name: "DVC md5" if tags.get(f"data.{name}.dvc_md5") else "manifest sha256"
             for name in ("source", "target")
         },
     }
@@ -377,7 +398,7 @@ def gather(
             "experiment": params.runtime.experiment,
             "git_commit": tags.get("git_commit"),
         },
-        "summary": _summary(run, recorded, children, rp),
+        "summary": _summary(client, run, recorded, children, rp),
         "datasets": datasets,
         "confusion": confusion,
         "source_model": _source_block(source_path, source_meta, tags, children.get("pretrain")),
@@ -422,16 +443,18 @@ def report_for_run(
     curves: core.Curves | None = None
     if source_path is not None and ks and strategies:
         try:
-            curves = core.sample_efficiency(
-                rp,
-                source_path,
-                ks,
-                strategies,
-                Path(params.runtime.artifacts_dir) / "report" / "sweep",
-                progress,
-                epochs=epochs,
-                seeds=[rp.runtime.seed + i for i in range(max(int(seeds), 1))],
-            )
+            with warnings.catch_warnings():  # a warning repeated by every sweep point shows once
+                warnings.simplefilter("once")
+                curves = core.sample_efficiency(
+                    rp,
+                    source_path,
+                    ks,
+                    strategies,
+                    Path(params.runtime.artifacts_dir) / "report" / "sweep",
+                    progress,
+                    epochs=epochs,
+                    seeds=[rp.runtime.seed + i for i in range(max(int(seeds), 1))],
+                )
         except TransferError as error:
             data["notes"].append(f"sample-efficiency sweep failed: {error}")
     if curves is not None:

@@ -21,7 +21,7 @@ from filelock import FileLock
 from prefect.context import TaskRunContext
 
 from tasks import tracking
-from tasks.common import stage_task
+from tasks.common import core_logs_in_prefect, stage_task
 from transfer import fingerprint, stages
 from transfer.config import Params
 from transfer.errors import TransferError
@@ -136,7 +136,8 @@ def pretrain_source(
                     "data": params.data.model_dump(mode="json"),
                 },
             )
-            trained = stages.pretrain(params, out, progress=False)
+            with core_logs_in_prefect():  # one line per epoch instead of a bar
+                trained = stages.pretrain(params, out, progress=False)
             _log_trained(client, run_id, trained, "learning_curves_pretrain.png")
             tracking.log_metrics(
                 client, run_id, {"source_test_accuracy": trained.info["source_test_accuracy"]}
@@ -214,8 +215,9 @@ def _train_target(
             if trained is not None:
                 tracking.set_tags(client, run_id, {"reused": True, "reused_from": trained.model_dir})
             else:
-                trained = (stages.finetune(params, source["model_dir"], out, strategy=strategy, progress=False)
-                           if kind == "finetune" else stages.train_scratch(params, out, progress=False))
+                with core_logs_in_prefect():  # one line per epoch instead of a bar
+                    trained = (stages.finetune(params, source["model_dir"], out, strategy=strategy, progress=False)
+                               if kind == "finetune" else stages.train_scratch(params, out, progress=False))
                 _write_history(out, trained)  # marks the dir finished
             _log_trained(client, run_id, trained, f"learning_curves_{kind}.png")
             tracking.log_metrics(client, run_id, {

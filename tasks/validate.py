@@ -50,7 +50,6 @@ are not part of the cross-split leakage check.
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import logging
 import os
@@ -208,42 +207,21 @@ class ValidationReport:
         return "\n".join(lines)
 
     def to_html(self) -> str:
-        esc = html.escape
-        style = "ok" if self.passed else "bad"
-        parts = [
-            "<!doctype html><html><head><meta charset='utf-8'><title>Data validation</title>",
-            "<style>body{font-family:sans-serif;margin:2em}.ok{color:#070}.bad{color:#b00}"
-            ".warn{color:#a60}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-            "padding:3px 8px;text-align:left}code{font-size:90%}</style></head><body>",
-            f"<h1 class='{style}'>Data validation: {'PASSED' if self.passed else 'FAILED'}</h1>",
-            f"<p>{esc(self.summary())}</p>",
-            "<h2>Datasets</h2><table><tr><th>dataset</th><th>rows</th><th>classes</th>"
-            "<th>splits</th><th>unreadable</th><th>manifest</th></tr>",
-        ]
-        for name, info in self.datasets.items():
-            cells = "".join(f"<td>{esc(c)}</td>" for c in (name, *_dataset_cells(info)))
-            parts.append(f"<tr>{cells}</tr>")
-        parts.append("</table><h2>Does transfer make sense?</h2>")
-        parts.append(_sense_html(self.sense))
-        parts.append(
-            "<h2>Expectations</h2><table><tr><th>result</th><th>suite</th>"
-            "<th>expectation</th><th>column</th><th>check</th><th>details</th>"
-            "<th>failing rows</th></tr>"
-        )
+        """The report as one page (``transfer/templates/validation.html.j2``, autoescaped)."""
+        from transfer.templating import render
+
         order = {id(o): i for i, o in enumerate(self.failures() + self.warnings())}
-        for o in sorted(self.outcomes, key=lambda o: order.get(id(o), len(order))):
-            verdict, css = (
-                ("pass", "ok") if o.success else (("FAIL", "bad") if o.failed else ("warn", "warn"))
-            )
-            rows = "<br>".join(f"<code>{esc(r)}</code>" for r in o.failing_rows)
-            cells = (o.suite, o.expectation, o.column or "", o.check, o.details)
-            parts.append(
-                f"<tr><td class='{css}'>{verdict}</td>"
-                + "".join(f"<td>{esc(c)}</td>" for c in cells)
-                + f"<td>{rows}</td></tr>"
-            )
-        parts.append("</table></body></html>")
-        return "\n".join(parts)
+        outcomes = [
+            {"verdict": verdict, "css": css, "rows": o.failing_rows,
+             "cells": (o.suite, o.expectation, o.column or "", o.check, o.details)}
+            for o in sorted(self.outcomes, key=lambda o: order.get(id(o), len(order)))
+            for verdict, css in [("pass", "ok") if o.success else (("FAIL", "bad") if o.failed else ("warn", "warn"))]
+        ]
+        return render(
+            "validation.html.j2", passed=self.passed, summary=self.summary(), sense=self.sense,
+            sense_intro=SENSE_INTRO, outcomes=outcomes,
+            datasets=[(name, *_dataset_cells(info)) for name, info in self.datasets.items()],
+        ).rstrip("\n")
 
     def write(self, report_dir: str | Path) -> dict[str, Path]:
         """Write ``validation_report.{json,md,html}`` under ``report_dir``; return their paths."""
@@ -306,21 +284,6 @@ def _sense_markdown(checks: list[dict[str, Any]]) -> list[str]:
     lines += [SENSE_INTRO, "", "| result | check | detail |", "|---|---|---|"]
     lines += [f"| {c['level'].upper()} | {c['check']} | {_md(c['detail'])} |" for c in checks]
     return lines + [""]
-
-
-def _sense_html(checks: list[dict[str, Any]]) -> str:
-    if not checks:
-        return "<p>Not evaluated: a dataset manifest is missing.</p>"
-    css = {"pass": "ok", "info": "ok", "warn": "warn", "fail": "bad"}
-    rows = "".join(
-        f"<tr><td class='{css.get(c['level'], '')}'>{html.escape(c['level'].upper())}</td>"
-        f"<td><code>{html.escape(c['check'])}</code></td><td>{html.escape(c['detail'])}</td></tr>"
-        for c in checks
-    )
-    return (
-        f"<p>{html.escape(SENSE_INTRO)}</p><table><tr><th>result</th><th>check</th>"
-        f"<th>detail</th></tr>{rows}</table>"
-    )
 
 
 # --------------------------------------------------------------------------- manifests

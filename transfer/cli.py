@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -30,10 +32,11 @@ app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (YAML, one section per stage)")]
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", metavar="FILE",
+                                          help="params file (YAML, one section per stage)")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="override a param: section.key=value (repeatable)"),
+    typer.Option("--set", "-s", metavar="SECTION.KEY=VALUE", help="override a param: section.key=value (repeatable)"),
 ]
 
 
@@ -178,7 +181,7 @@ def evaluate(
 ) -> None:
     """Test-set metrics (accuracy, macro-F1, per-class recall, ECE), confusion matrix, transfer gain."""
     from transfer import stages
-    from transfer.metrics import plot_transfer_gain
+    from transfer.plots import plot_transfer_gain
 
     params = _params(params_file, overrides)
     report = stages.evaluate(params, model, out, name="transfer")
@@ -270,13 +273,17 @@ def runs(
     params = _params(params_file, overrides)
     tracking.fail_orphaned_runs(tracking.configure(params), params)  # so none reads RUNNING forever
     rows = recent_runs(params, limit)
-    table = Table("started", "run id", "status", "strategy", "transfer acc [95% CI]", "scratch acc [95% CI]",
-                  "gain [95% CI] McNemar p", "promoted", "version")
+    columns = {"start": "started", "run_id": "run id", "status": "status", "strategy": "strategy",
+               "test_accuracy": "transfer acc [95% CI]", "scratch_test_accuracy": "scratch acc [95% CI]",
+               "gain": "gain [95% CI] McNemar p", "promoted": "promoted", "model_name": "model",
+               "model_version": "version"}
+    table = Table(*columns.values())
+    for column in table.columns:
+        column.no_wrap = True
     for row in rows:
-        table.add_row(*[escape(str(row.get(k, ""))) for k in
-                        ("start", "run_id", "status", "strategy", "test_accuracy", "scratch_test_accuracy",
-                         "gain", "promoted", "model_version")])
-    Console(width=max(console.width, 160)).print(table)  # a wide table: never cut at 80 columns
+        table.add_row(*[escape(str(row.get(k, ""))) for k in columns])
+    # its natural width, whatever the terminal's: a wide table is never cut or wrapped at 80 columns
+    Console(width=10_000).print(table, crop=False)
 
 
 @app.command()
@@ -302,7 +309,8 @@ def serve(
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="image files (PNG/JPEG)", exists=True, dir_okay=False)],
+    images: Annotated[list[Path], typer.Argument(help="image files (PNG/JPEG)", exists=True, dir_okay=False,
+                                                 metavar="IMAGE")],
     params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
     alias: Annotated[str | None, typer.Option(help="registry alias (default serve.alias)")] = None,
 ) -> None:
@@ -344,9 +352,18 @@ def report(
     seeds: Annotated[int, typer.Option(min=1, help="seeds per curve point (error bars, paired t-test)")] = 3,
 ) -> None:
     """HTML + PNG transfer report of a run, also logged to its MLflow run."""
+    import logging
+
     from tasks.report import report_for_run
 
     params = _params(params_file, overrides)
+    # say what it computes: a line per sweep point trained (cached ones are reused) and per epoch
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("transfer").addHandler(handler)
+    logging.getLogger("transfer").setLevel(logging.INFO)
+    _note(f"sample-efficiency sweep: k={ks}, {strategies} and scratch, {seeds} seed(s) per point; "
+          f"points already under {params.runtime.artifacts_dir}/report/sweep are reused")
     paths = report_for_run(params, run_id, out, [int(k) for k in ks.split(",")],
                            [s for s in strategies.split(",") if s], epochs, seeds=seeds)
     for name, path in paths.items():
@@ -387,12 +404,33 @@ OFFLINE_ENV = {
 }
 
 
+METAVARS = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH"}
+
+
+def plain_metavars(command: click.Command) -> click.Command:
+    """Click-style metavars in --help (FILE, INTEGER, a flag none), not Typer's Python types
+    (``<bool>`` after every flag, ``<list[str]>`` after a repeatable option)."""
+    ctx = click.Context(command)
+    help_option = command.get_help_option(ctx)
+    for param in [*command.params, *([help_option] if help_option else [])]:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif param.metavar is None and hasattr(param, "display_type"):
+            shown = re.sub(r"^list\[(.*)\]$", r"\1", param.display_type(ctx).strip("<>")).split()[0]
+            param.metavar = METAVARS.get(shown.lower(), shown.upper())
+        if param.param_type_name == "argument":  # its name column already shows the metavar
+            param.display_type_rich = lambda ctx: None
+    for sub in getattr(command, "commands", {}).values():
+        plain_metavars(sub)
+    return command
+
+
 def main() -> None:
     """Entry point: user errors print as one line (exit 2), never a traceback."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     try:
-        app()
+        plain_metavars(typer.main.get_command(app))()
     except TransferError as error:
         # one line, printed as is: a message may hold [brackets] rich would take for markup
         err_console.print(f"[bold red]error:[/bold red] {escape(one_line(error))}", soft_wrap=True)

@@ -1,17 +1,15 @@
-"""Classification metrics, calibration and the plots the pipeline logs.
+"""Classification metrics (scikit-learn's) and calibration tables; plots: ``transfer.plots``.
 
-Inputs may be numpy arrays, torch tensors or lists. Plots are drawn on a bare
-``matplotlib.figure.Figure`` (Agg canvas), so no pyplot state and no GUI backend.
+Inputs may be numpy arrays, torch tensors or lists.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, is_dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sklearn import metrics as skm
 
 ArrayLike = Any  # np.ndarray | torch.Tensor | Sequence
 
@@ -32,18 +30,22 @@ def _labels(y: ArrayLike, num_classes: int, what: str) -> np.ndarray:
 # --------------------------------------------------------------------------- metrics
 
 
-def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> np.ndarray:
-    """(K, K) int64 counts; rows = true class, columns = predicted class."""
+def _pair(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     t, p = _labels(y_true, num_classes, "y_true"), _labels(y_pred, num_classes, "y_pred")
     if t.shape != p.shape:
         raise ValueError(f"y_true has {t.size} labels but y_pred has {p.size}")
-    counts = np.bincount(t * num_classes + p, minlength=num_classes**2)
-    return counts.reshape(num_classes, num_classes)
+    return t, p
+
+
+def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> np.ndarray:
+    """(K, K) int64 counts; rows = true class, columns = predicted class (every class, even unseen)."""
+    t, p = _pair(y_true, y_pred, num_classes)
+    return skm.confusion_matrix(t, p, labels=np.arange(num_classes)).astype(np.int64)
 
 
 def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     t, p = _np(y_true).reshape(-1), _np(y_pred).reshape(-1)
-    return float((t == p).mean()) if t.size else 0.0
+    return float(skm.accuracy_score(t, p)) if t.size else 0.0
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -52,20 +54,18 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 def per_class_recall(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> np.ndarray:
     """(K,) recall per class; 0 for a class with no true samples."""
-    cm = confusion_matrix(y_true, y_pred, num_classes)
-    return _safe_div(np.diag(cm).astype(np.float64), cm.sum(axis=1))
+    t, p = _pair(y_true, y_pred, num_classes)
+    return skm.recall_score(t, p, labels=np.arange(num_classes), average=None, zero_division=0)
 
 
 def per_class_f1(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> np.ndarray:
     """(K,) F1 = 2TP / (2TP + FP + FN); 0 where undefined."""
-    cm = confusion_matrix(y_true, y_pred, num_classes)
-    tp = np.diag(cm).astype(np.float64)
-    fp, fn = cm.sum(axis=0) - tp, cm.sum(axis=1) - tp
-    return _safe_div(2 * tp, 2 * tp + fp + fn)
+    t, p = _pair(y_true, y_pred, num_classes)
+    return skm.f1_score(t, p, labels=np.arange(num_classes), average=None, zero_division=0)
 
 
 def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> float:
-    """Unweighted mean of per-class F1 over all ``num_classes`` classes."""
+    """Unweighted mean of per-class F1 over all ``num_classes`` classes (unseen ones count 0)."""
     return float(per_class_f1(y_true, y_pred, num_classes).mean())
 
 
@@ -117,167 +117,8 @@ def classification_report(
     }
 
 
-# --------------------------------------------------------------------------- plots
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
-    return path
-
-
-def plot_confusion_matrix(
-    cm: ArrayLike, classes: Sequence[str], path: str | Path, title: str = "Confusion matrix"
-) -> Path:
-    """Counts annotated in each cell, colour = row-normalised rate (recall per true class)."""
-    cm = _np(cm).astype(np.int64)
-    support = cm.sum(axis=1, keepdims=True).repeat(cm.shape[1], axis=1)  # (K, K)
-    rates = _safe_div(cm.astype(np.float64), support)
-    size = 1.2 + 0.45 * len(classes)
-    fig = _figure(size + 1.0, size)
-    ax = fig.subplots()
-    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, label="fraction of true class")
-    ticks = range(len(classes))
-    ax.set_xticks(ticks, [str(c) for c in classes], rotation=45 if len(classes) > 10 else 0)
-    ax.set_yticks(ticks, [str(c) for c in classes])
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    for (i, j), count in np.ndenumerate(cm):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
-                color="white" if rates[i, j] > 0.5 else "black")
-    return _save(fig, path)
-
-
-def _as_dict(row: Any) -> dict[str, Any]:
-    if isinstance(row, Mapping):
-        return dict(row)
-    return asdict(row) if is_dataclass(row) else vars(row)
-
-
-def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
-    return [p[0] for p in points], [p[1] for p in points]
-
-
-def plot_learning_curves(
-    history: Iterable[Any], path: str | Path, title: str = "Learning curves"
-) -> Path:
-    """Loss and accuracy per epoch, train vs val (val may be missing)."""
-    rows = [_as_dict(r) for r in history]
-    fig = _figure(9, 3.6)
-    axes = fig.subplots(1, 2)
-    for ax, metric in zip(axes, ("loss", "acc")):
-        for split, style in (("train", "-o"), ("val", "--s")):
-            xs, ys = _series(rows, f"{split}_{metric}")
-            if xs:
-                ax.plot(xs, ys, style, markersize=3, label=split)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy" if metric == "acc" else "loss")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    fig.suptitle(title)
-    return _save(fig, path)
-
-
-def _baseline_name(results: Mapping[str, float], baseline: str | None) -> str | None:
-    if baseline is not None:
-        return baseline if baseline in results else None
-    return next((name for name in results if "scratch" in name.lower()), None)
-
-
-def _bar_colour(is_baseline: bool, value: float, base_acc: float | None) -> str:
-    if is_baseline or base_acc is None:
-        return "tab:gray"
-    return "tab:green" if value >= base_acc else "tab:red"
-
-
-def plot_transfer_gain(
-    results: Mapping[str, float], path: str | Path, title: str = "Transfer gain",
-    baseline: str | None = None, intervals: Mapping[str, tuple[float, float]] | None = None,
-) -> Path:
-    """Accuracy per run as bars; each bar annotated with its gain over the scratch baseline.
-
-    The baseline is ``baseline`` or the first name containing "scratch"; bars below it
-    (negative transfer) are red. ``intervals`` (name -> (low, high), e.g. Wilson 95% CIs)
-    are drawn as error bars.
-    """
-    names = list(results)
-    values = [float(results[n]) for n in names]
-    base = _baseline_name(results, baseline)
-    base_acc = float(results[base]) if base is not None else None
-    colours = [_bar_colour(n == base, v, base_acc) for n, v in zip(names, values)]
-    fig = _figure(max(4.5, 1.1 * len(names) + 1.5), 4)
-    ax = fig.subplots()
-    yerr = None
-    if intervals:
-        lows = [v - intervals[n][0] if n in intervals else 0.0 for n, v in zip(names, values)]
-        highs = [intervals[n][1] - v if n in intervals else 0.0 for n, v in zip(names, values)]
-        yerr = np.array([lows, highs])  # (2, bars): distances below and above each bar
-    bars = ax.bar(names, values, color=colours, yerr=yerr, capsize=4 if yerr is not None else 0)
-    ax.set_ylim(0, 1.12)
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title)
-    if base_acc is not None:
-        ax.axhline(base_acc, color="tab:gray", linestyle="--", linewidth=1,
-                   label=f"{base} = {base_acc:.3f}")
-        ax.legend(loc="upper left", fontsize=8)
-    for bar, name, value in zip(bars, names, values):
-        label = f"{value:.3f}"
-        if base_acc is not None and name != base:
-            label += f"\n({value - base_acc:+.3f})"
-        x = bar.get_x() + bar.get_width() / 2
-        top = max(value, (intervals or {}).get(name, (value, value))[1])  # above its error bar
-        ax.text(x, top + 0.01, label, ha="center", va="bottom", fontsize=8)
-    ax.tick_params(axis="x", labelrotation=20 if len(names) > 4 else 0)
-    return _save(fig, path)
-
-
-def plot_reliability(
-    probs: ArrayLike, y_true: ArrayLike, path: str | Path, n_bins: int = 10,
-    title: str = "Reliability diagram",
-) -> Path:
-    """Accuracy vs confidence per bin against the diagonal; ECE in the title."""
-    return plot_reliability_bins(
-        reliability_table(probs, y_true, n_bins), path, title
-    )
-
-
 def reliability_table(probs: ArrayLike, y_true: ArrayLike, n_bins: int = 10) -> dict[str, Any]:
     """JSON-able reliability bins and the ECE: what a reliability diagram is drawn from."""
     bins = reliability_bins(probs, y_true, n_bins)
     return {"ece": expected_calibration_error(probs, y_true, n_bins),
             **{k: v.tolist() for k, v in bins.items()}}
-
-
-def draw_reliability(ax: Any, table: Mapping[str, Any], title: str) -> None:
-    edges = np.asarray(table["edges"])
-    count, acc, conf = (np.asarray(table[k], dtype=np.float64) for k in ("count", "accuracy", "confidence"))
-    centres, width = (edges[:-1] + edges[1:]) / 2, 1.0 / len(count)
-    filled = count > 0
-    ax.bar(centres[filled], acc[filled], width=width, edgecolor="black",
-           color="tab:blue", alpha=0.8, label="accuracy")
-    ax.bar(centres[filled], (conf - acc)[filled], width=width,
-           bottom=acc[filled], color="tab:red", alpha=0.3, label="gap")
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{title} (ECE = {table['ece']:.3f})", fontsize=10)
-    ax.legend(loc="upper left", fontsize=8)
-
-
-def plot_reliability_bins(table: Mapping[str, Any], path: str | Path, title: str = "Reliability diagram") -> Path:
-    fig = _figure(4.5, 4.5)
-    draw_reliability(fig.subplots(), table, title)
-    return _save(fig, path)

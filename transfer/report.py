@@ -16,7 +16,8 @@ The ``data`` dict (every key optional; a missing part shows as "not available"):
     run: {run_id, run_name, status, start_time, experiment, git_commit}
     summary: {transfer_accuracy, scratch_accuracy, gain, negative_transfer_margin,
               strategy, strategy_reason, labels_per_class, model_name, model_version,
-              promoted, promotion_reason, data_version: {source, target}}
+              promoted, promotion_reason, data_version: {source, target},
+              data_version_kind: {source, target}, aliases_now: [str], champion_now}
     datasets: {source: dataset_summary(...), target: dataset_summary(...)}
     checks: [{check, passed, detail, level}]      # default: transfer_sense_checks(datasets)
     sample_efficiency: {curves: {strategy: {k: mean accuracy}}, notes: [str], epochs: int | None,
@@ -32,12 +33,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, get_args
@@ -46,6 +46,8 @@ import numpy as np
 
 # summaries and sense checks live in transfer.checks (shared with validation); re-exported
 from transfer.checks import dataset_summary, transfer_sense_checks  # noqa: F401
+from transfer import fingerprint, plots, templating
+from transfer.plots import plot_sample_efficiency  # noqa: F401  (re-exported: the report's API)
 from transfer.stats import format_p
 from transfer.config import Params, Strategy
 from transfer.errors import TransferError
@@ -167,6 +169,7 @@ def sample_efficiency(
         "size": size,
         "channels": channels,
     }
+    total, done = len(names) * len(usable) * len(seed_list), 0
     for name in names:
         for k in usable:
             try:
@@ -178,8 +181,13 @@ def sample_efficiency(
                     if epochs is not None:
                         p.finetune.epochs = epochs
                     source_sha = None if name == SCRATCH else source_meta.get("weights_sha256")
-                    key = _key({**base, "seed": seed}, name, p.finetune.model_dump(mode="json"), source_sha)
+                    # the code fingerprint too: after an edit to transfer/ a point is retrained
+                    key = _key({**base, "seed": seed, "code": fingerprint.code_fingerprint()}, name,
+                               p.finetune.model_dump(mode="json"), source_sha)
                     point_dir = Path(work_dir) / f"{name}-k{k}-s{seed}-{key}"
+                    done += 1
+                    if not (point_dir / "result.json").exists():
+                        log.info("sample efficiency %d/%d: training %s k=%d seed=%d", done, total, name, k, seed)
                     acc, seconds, cached = _point(
                         stages, p, name, source_model_dir, point_dir, eval_splits, device, progress,
                         keep_models,
@@ -348,193 +356,6 @@ def negative_points(curves: Mapping[str, Mapping[Any, float]], margin: float = 0
     return out
 
 
-# --------------------------------------------------------------------------- plots
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure  # Agg canvas, no pyplot state
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _norm_curves(curves: Mapping[str, Mapping[Any, float]]) -> dict[str, list[tuple[int, float]]]:
-    return {
-        name: sorted((int(k), float(v)) for k, v in curve.items())
-        for name, curve in curves.items()
-        if curve
-    }
-
-
-def _draw_curves(
-    ax: Any,
-    curves: Mapping[str, Mapping[Any, float]],
-    run_point: Mapping[str, Any] | None = None,
-    analysis: Mapping[str, Any] | None = None,
-) -> None:
-    """Means per k; with ``analysis`` (:func:`efficiency_analysis`) 95% error bars over seeds
-    and the classical floors as thin dotted lines."""
-    norm = _norm_curves(curves)
-    summary = (analysis or {}).get("summary") or {}
-    ks = sorted({k for points in norm.values() for k, _ in points})
-    colours = iter(
-        [
-            "tab:blue",
-            "tab:orange",
-            "tab:green",
-            "tab:purple",
-            "tab:brown",
-            "tab:pink",
-            "tab:olive",
-            "tab:cyan",
-            "tab:red",
-        ]
-    )
-    ordered = [n for n in norm if n == SCRATCH] + [n for n in norm if n != SCRATCH]
-    for name in ordered:
-        xs, ys = zip(*norm[name], strict=True)
-        err = _errors(summary.get(name) or {}, xs, ys)
-        style = (
-            {"linestyle": "--", "marker": "s", "color": "tab:gray", "label": "scratch (baseline)"}
-            if name == SCRATCH
-            else {"linestyle": "-", "marker": "o", "color": next(colours, None), "label": name}
-        )
-        if err is not None:
-            ax.errorbar(xs, ys, yerr=err, capsize=3, **style)
-        else:
-            ax.plot(xs, ys, **style)
-        for x, y in zip(xs, ys, strict=True):
-            ax.annotate(
-                f"{y:.2f}",
-                (x, y),
-                textcoords="offset points",
-                xytext=(0, 5),
-                ha="center",
-                fontsize=7,
-            )
-    floor_colours = iter(["darkred", "darkgoldenrod", "teal", "black"])  # apart from the strategies'
-    for name, row in ((analysis or {}).get("floors") or {}).items():
-        pts = sorted((int(k), float(v["mean"])) for k, v in row.items())
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, linestyle=":", linewidth=1.2, marker=".", color=next(floor_colours, None),
-                    label=f"floor: {name}")
-    if run_point and run_point.get("k"):
-        k = int(run_point["k"])
-        for key, label, colour in (
-            ("transfer_accuracy", f"this run: {run_point.get('strategy', 'transfer')}", "black"),
-            ("scratch_accuracy", "this run: scratch", "tab:gray"),
-        ):
-            if run_point.get(key) is not None:
-                ax.plot(
-                    [k],
-                    [float(run_point[key])],
-                    marker="*",
-                    markersize=13,
-                    linestyle="none",
-                    color=colour,
-                    label=label,
-                )
-                ks = sorted(set(ks) | {k})
-    if not ks:
-        ax.text(
-            0.5,
-            0.5,
-            "no sample-efficiency points",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
-        )
-        return
-    ax.set_xscale("log")
-    ax.set_xticks(ks, [str(k) for k in ks])
-    ax.minorticks_off()
-    if len(ks) == 1:
-        ax.set_xlim(ks[0] / 2, ks[0] * 2)
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("labelled target images per class (log scale)")
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-
-
-def _errors(summary: Mapping[Any, Mapping[str, Any]], xs: Sequence[int], ys: Sequence[float]) -> Any:
-    """(2, n) distances from each mean to its 95% interval ends; None without seed spread."""
-    rows = {int(k): v for k, v in summary.items()}
-    if not rows or any(x not in rows for x in xs):
-        return None
-    low = [max(y - float(rows[x]["ci_low"]), 0.0) for x, y in zip(xs, ys, strict=True)]
-    high = [max(float(rows[x]["ci_high"]) - y, 0.0) for x, y in zip(xs, ys, strict=True)]
-    return np.array([low, high]) if any(low) or any(high) else None
-
-
-def plot_sample_efficiency(
-    curves: Mapping[str, Mapping[Any, float]],
-    path: str | Path,
-    title: str = "Sample efficiency: accuracy vs labels per class",
-    run_point: Mapping[str, Any] | None = None,
-    analysis: Mapping[str, Any] | None = None,
-) -> Path:
-    """Accuracy vs k (log x), one line per strategy, scratch dashed, 95% error bars over
-    seeds and the classical floors dotted when ``analysis`` has them; PNG at ``path``."""
-    fig = _figure(7, 4.5)
-    ax = fig.subplots()
-    _draw_curves(ax, curves, run_point, analysis)
-    ax.set_title(title)
-    return _save(fig, path)
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
-    return path
-
-
-def _draw_confusion(
-    ax: Any, fig: Any, matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str
-) -> None:
-    cm = np.asarray(matrix, dtype=np.int64)
-    support = cm.sum(axis=1, keepdims=True)
-    rates = np.divide(cm, support, out=np.zeros(cm.shape), where=support > 0)
-    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of true class")
-    ticks = range(len(classes))
-    ax.set_xticks(
-        ticks, [str(c) for c in classes], rotation=45 if len(classes) > 10 else 0, fontsize=8
-    )
-    ax.set_yticks(ticks, [str(c) for c in classes], fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    if len(classes) <= 20:
-        for (i, j), count in np.ndenumerate(cm):
-            ax.text(
-                j,
-                i,
-                str(count),
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if rates[i, j] > 0.5 else "black",
-            )
-
-
-def _confusion_title(name: str, block: Mapping[str, Any]) -> str:
-    acc = block.get("accuracy")
-    return f"{name}" + (f" (accuracy {acc:.3f})" if acc is not None else "")
-
-
-def plot_confusion(block: Mapping[str, Any], name: str, path: str | Path) -> Path:
-    matrix, classes = (
-        block["matrix"],
-        block.get("classes") or [str(i) for i in range(len(block["matrix"]))],
-    )
-    size = 1.5 + 0.45 * len(classes)
-    fig = _figure(size + 1.2, size)
-    _draw_confusion(fig.subplots(), fig, matrix, classes, _confusion_title(name, block))
-    return _save(fig, path)
-
-
 # --------------------------------------------------------------------------- report data
 
 
@@ -560,14 +381,6 @@ def negative_transfer(summary: Mapping[str, Any]) -> bool | None:
             return None
         gain = float(t) - float(s)
     return float(gain) < -float(summary.get("negative_transfer_margin") or 0.0)
-
-
-def _ci(interval: Sequence[float] | None, sign: bool = False) -> str:
-    """`` [0.941, 0.969]``: a 95% interval after a figure (empty for runs that logged none)."""
-    if not interval:
-        return ""
-    fmt = "{:+.3f}" if sign else "{:.3f}"
-    return html.escape(f" [{fmt.format(interval[0])}, {fmt.format(interval[1])}]")
 
 
 def _gain(summary: Mapping[str, Any]) -> float | None:
@@ -600,146 +413,9 @@ def _checks(data: Mapping[str, Any]) -> list[dict[str, Any]] | None:
 
 # --------------------------------------------------------------------------- HTML
 
-CSS = """
-:root { --ok:#1a7f37; --bad:#cf222e; --warn:#9a6700; --info:#0969da; --muted:#57606a;
-        --line:#d0d7de; }
-* { box-sizing: border-box; }
-body { font: 15px/1.5 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color:#1f2328;
-       max-width: 1120px; margin: 0 auto; padding: 24px 28px 60px; background:#fff; }
-h1 { font-size: 26px; margin: 0 0 4px; }
-h2 { font-size: 19px; border-bottom: 1px solid var(--line); padding-bottom: 6px; margin-top: 36px; }
-.sub, .muted { color: var(--muted); font-size: 13px; }
-code { font: 12.5px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background:#f6f8fa;
-       padding: 1px 4px; border-radius: 4px; word-break: break-all; }
-table { border-collapse: collapse; width: 100%; margin: 10px 0; font-size: 14px; }
-th, td { border: 1px solid var(--line); padding: 6px 9px; text-align: left; vertical-align: top; }
-th { background: #f6f8fa; font-weight: 600; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); gap: 12px; }
-.card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; }
-.card .label { color: var(--muted); font-size: 12px; text-transform: uppercase;
-               letter-spacing: .04em; }
-.card .value { font-size: 22px; font-weight: 600; }
-.pos { color: var(--ok); } .neg { color: var(--bad); }
-.badge { display: inline-block; min-width: 52px; text-align: center; font-size: 12px;
-         font-weight: 700; border-radius: 10px; padding: 1px 8px; color: #fff; }
-.badge.pass { background: var(--ok); } .badge.fail { background: var(--bad); }
-.badge.warn { background: var(--warn); } .badge.info { background: var(--info); }
-.banner { border-radius: 8px; padding: 12px 16px; margin: 16px 0; border: 1px solid; }
-.banner.danger { background: #ffebe9; border-color: #ff8182; color: #82071e; }
-.banner.good { background: #dafbe1; border-color: #4ac26b; color: #044f1e; }
-.banner.note { background: #fff8c5; border-color: #d4a72c; color: #4d2d00; }
-.figs { display: flex; flex-wrap: wrap; gap: 18px; }
-.figs figure { margin: 0; flex: 1 1 420px; }
-img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }
-figcaption { color: var(--muted); font-size: 13px; }
-dl.kv { display: grid; grid-template-columns: 220px 1fr; gap: 4px 14px; }
-dl.kv dt { color: var(--muted); } dl.kv dd { margin: 0; }
-ul.notes li { margin: 2px 0; }
-footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
-"""
 
-
-def _e(value: Any) -> str:
-    return html.escape(_f(value))
-
-
-def png_data_uri(path: str | Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-def _img(path: str | Path, alt: str, caption: str | None = None) -> str:
-    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-    return f'<figure><img src="{png_data_uri(path)}" alt="{html.escape(alt)}">{cap}</figure>'
-
-
-def _na(what: str) -> str:
-    return f'<p class="muted">{html.escape(what)}: not available.</p>'
-
-
-def _card(label: str, value: str, cls: str = "") -> str:
-    return (
-        f'<div class="card"><div class="label">{html.escape(label)}</div>'
-        f'<div class="value {cls}">{value}</div></div>'
-    )
-
-
-def _kv(items: Iterable[tuple[str, str]]) -> str:
-    rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{v}</dd>" for k, v in items)
-    return f'<dl class="kv">{rows}</dl>'
-
-
-def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
-
-
-def _summary_html(data: Mapping[str, Any]) -> str:
-    s = data.get("summary") or {}
-    gain = _gain(s)
-    gain_cls = "" if gain is None else ("pos" if gain >= 0 else "neg")
-    promoted = s.get("promoted")
-    version = f"v{s['model_version']}" if s.get("model_version") not in (None, "") else "n/a"
-    cards = "".join(
-        [
-            _card("transfer accuracy", _e(s.get("transfer_accuracy")) + _ci(s.get("transfer_accuracy_ci"))),
-            _card("scratch accuracy", _e(s.get("scratch_accuracy")) + _ci(s.get("scratch_accuracy_ci"))),
-            _card("gain over scratch", html.escape(_f(gain, sign=True)) + _ci(s.get("gain_ci"), sign=True)
-                  + (f" p = {html.escape(format_p(s['gain_p_value']))}" if s.get("gain_p_value") is not None else ""),
-                  gain_cls),
-            _card("strategy", _e(s.get("strategy"))),
-            _card("labels per class", _e(s.get("labels_per_class"))),
-            _card(
-                "model version",
-                html.escape(
-                    f"{version}"
-                    + (
-                        ""
-                        if promoted is None
-                        else (" (promoted)" if promoted else " (not promoted)")
-                    )
-                ),
-            ),
-        ]
-    )
-    negative = negative_transfer(s)
-    margin = float(s.get("negative_transfer_margin") or 0.0)
-    if negative:
-        banner = (
-            f'<div class="banner danger" id="negative-transfer-warning" role="alert"><strong>'
-            f"Negative transfer:</strong> the fine-tuned model scores "
-            f"{_e(s.get('transfer_accuracy'))}, below the same budget trained from scratch "
-            f"({_e(s.get('scratch_accuracy'))}; gain {html.escape(_f(gain, sign=True))}, "
-            f"negative-transfer margin {margin:g}). The source features hurt this target: check "
-            "the transfer-sense checks, try another strategy or drop the source.</div>"
-        )
-    elif negative is None:
-        banner = (
-            '<div class="banner note">No scratch baseline recorded: '
-            "the transfer gain is unknown.</div>"
-        )
-    elif s.get("gain_verdict") and s["gain_verdict"] != "significant gain":
-        banner = (
-            f'<div class="banner note">{html.escape(str(s["gain_verdict"]).capitalize())}: '
-            f"{html.escape(_f(gain, sign=True))}{_ci(s.get('gain_ci'), sign=True)} test accuracy over the "
-            "same budget trained from scratch (paired on the same test images).</div>"
-        )
-    else:
-        banner = (
-            f'<div class="banner good">Transfer helped: {html.escape(_f(gain, sign=True))}'
-            f"{_ci(s.get('gain_ci'), sign=True)} test accuracy over the same budget trained from scratch"
-            + (f" (significant: McNemar p = {html.escape(format_p(s['gain_p_value']))})"
-               if s.get("gain_p_value") is not None else "") + ".</div>"
-        )
-    extra = []
-    if s.get("promotion_reason"):
-        extra.append(("promotion", html.escape(str(s["promotion_reason"]))))
-    versions = s.get("data_version") or {}
-    for name in ("source", "target"):
-        if versions.get(name):
-            extra.append(
-                (f"{name} data version", f"<code>{html.escape(str(versions[name]))}</code>")
-            )
-    return banner + f'<div class="cards">{cards}</div>' + (_kv(extra) if extra else "")
+def _level(check: Mapping[str, Any]) -> str:
+    return str(check.get("level") or ("pass" if check.get("passed") else "fail"))
 
 
 def _size_text(summary: Mapping[str, Any]) -> str:
@@ -752,317 +428,67 @@ def _size_text(summary: Mapping[str, Any]) -> str:
     return text
 
 
-def _data_html(data: Mapping[str, Any]) -> str:
-    datasets = data.get("datasets") or {}
-    if not datasets:
-        return _na("dataset manifests")
-    head = (
-        "<tr><th>dataset</th><th class=num>classes</th><th class=num>train</th>"
-        "<th class=num>val</th>"
-        "<th class=num>test</th><th class=num>unlabelled</th><th class=num>total</th>"
-        "<th class=num>unreadable</th><th>image size (median)</th><th>channels / modes</th></tr>"
+def version_state(summary: Mapping[str, Any]) -> str:
+    """`` (promoted)``, `` (not promoted)`` at the run, checked against the registry now
+    (``aliases_now``, ``champion_now``): a rolled-back champion no longer reads as promoted."""
+    promoted = summary.get("promoted")
+    at_run = "" if promoted is None else (" (promoted)" if promoted else " (not promoted)")
+    if "aliases_now" not in summary or not promoted:
+        return at_run
+    if "champion" in summary["aliases_now"]:
+        return at_run
+    champion = summary.get("champion_now")
+    now = f"champion is now v{champion}" if champion else "no champion now"
+    return f" (promoted, no longer champion: {now})"
+
+
+def png_data_uri(path: str | Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _curve_ks(curves: Mapping[str, Sequence[tuple[int, float]]]) -> list[int]:
+    return sorted({k for pts in curves.values() for k, _ in pts})
+
+
+def _curve_rows(curves: Mapping[str, Sequence[tuple[int, float]]], summary: Mapping[str, Any],
+                floors: Mapping[str, Any]) -> list[tuple[str, dict[int, float], dict[int, Any]]]:
+    """(name, {k: mean}, {k: 95% interval row}) per line of the table: scratch, strategies, floors."""
+    def spread(rows: Mapping[Any, Any] | None) -> dict[int, Any]:
+        return {int(k): v for k, v in (rows or {}).items()}
+
+    rows = [(name, dict(pts), spread(summary.get(name)))
+            for name, pts in sorted(curves.items(), key=lambda kv: kv[0] != SCRATCH)]
+    rows += [(f"floor: {name}", {int(k): float(v["mean"]) for k, v in frow.items()}, spread(frow))
+             for name, frow in floors.items()]
+    return rows
+
+
+def _floor_verdicts(analysis: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
+    verdicts = (analysis.get("floor_verdicts") or {}).items()
+    return [(int(k), v) for k, v in sorted(verdicts, key=lambda kv: int(kv[0])) if v.get("vs")]
+
+
+def _plain_ci(interval: Sequence[float] | None, sign: bool = False) -> str:
+    """`` [0.941, 0.969]``: a 95% interval after a figure (empty for runs that logged none)."""
+    if not interval:
+        return ""
+    fmt = "{:+.3f}" if sign else "{:.3f}"
+    return f" [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
+
+
+def _helpers() -> dict[str, Any]:
+    """What the report template calls (formatting and the report's own reading of the data)."""
+    from jinja2 import Undefined
+
+    def f(value: Any, digits: int = 3, sign: bool = False) -> str:  # a missing key reads "n/a"
+        return _f(None if isinstance(value, Undefined) else value, digits, sign)
+
+    return dict(
+        f=f, ci=_plain_ci, p=format_p, gain_of=_gain, negative_transfer=negative_transfer,
+        version_state=version_state, size_text=_size_text, data_uri=png_data_uri,
+        norm_curves=plots.norm_curves, curve_ks=_curve_ks, curve_rows=_curve_rows,
+        floor_verdicts=_floor_verdicts, negative_points=negative_points,
     )
-    rows = []
-    for name in ("source", "target"):
-        d = datasets.get(name)
-        if not d:
-            rows.append(
-                f"<tr><td>{name}</td><td colspan=9 class=muted>manifest not available</td></tr>"
-            )
-            continue
-        sp = d.get("splits") or {}
-        cells = [
-            len(d.get("classes", [])),
-            sp.get("train", 0),
-            sp.get("val", 0),
-            sp.get("test", 0),
-            sp.get("unlabelled", 0),
-            d.get("n_images", 0),
-            d.get("n_unreadable", 0),
-        ]
-        nums = "".join(f"<td class=num>{c:,}</td>" for c in cells)
-        rows.append(
-            f"<tr><td><strong>{name}</strong></td>{nums}<td>{html.escape(_size_text(d))}</td>"
-            f"<td>{html.escape(str(d.get('channels')))} / "
-            f"{html.escape(', '.join(d.get('modes', [])))}</td></tr>"
-        )
-    body = f"<table>{head}{''.join(rows)}</table>"
-    target = datasets.get("target") or {}
-    if target.get("labelled_budget"):
-        body += (
-            "<p>Target labelled budget used for training: "
-            f"<strong>{target['labels_per_class']}</strong> labels per class x "
-            f"{len(target.get('classes', []))} classes = "
-            f"<strong>{target['labelled_budget']:,}</strong> images (the rest of the train split "
-            "is not used; the test split is fixed).</p>"
-        )
-    for name in ("source", "target"):
-        d = datasets.get(name) or {}
-        per_class = d.get("per_class") or {}
-        if not per_class:
-            continue
-        splits = [
-            s for s in ("train", "val", "test", "unlabelled") if (d.get("splits") or {}).get(s)
-        ]
-        header = "".join(f"<th class=num>{s}</th>" for s in splits)
-        shown = list(per_class.items())[:60]
-        lines = "".join(
-            f"<tr><td>{html.escape(c)}</td>"
-            + "".join(f"<td class=num>{n.get(s, 0):,}</td>" for s in splits)
-            + "</tr>"
-            for c, n in shown
-        )
-        more = (
-            f"<p class=muted>... and {len(per_class) - len(shown)} more classes</p>"
-            if len(per_class) > len(shown)
-            else ""
-        )
-        body += (
-            f"<details><summary>{name}: images per class and split</summary>"
-            f"<table><tr><th>class</th>{header}</tr>{lines}</table>{more}</details>"
-        )
-    return body
-
-
-def _level(check: Mapping[str, Any]) -> str:
-    return str(check.get("level") or ("pass" if check.get("passed") else "fail"))
-
-
-def _checks_html(checks: list[dict[str, Any]] | None) -> str:
-    if checks is None:
-        return _na("transfer-sense checks (need both dataset manifests)")
-    rows = "".join(
-        f'<tr><td><span class="badge {html.escape(_level(c))}">{html.escape(_level(c).upper())}'
-        f"</span></td><td><code>{html.escape(str(c['check']))}</code></td>"
-        f"<td>{html.escape(str(c['detail']))}</td></tr>"
-        for c in checks
-    )
-    failed = [str(c["check"]) for c in checks if _level(c) == "fail"]
-    verdict = (
-        f'<div class="banner note">Transfer may not pay off here: {html.escape(", ".join(failed))} '
-        "failed.</div>"
-        if failed
-        else ""
-    )
-    return (
-        verdict + "<p>Transfer makes sense when source and target share the input kind, the source "
-        "has far more data than the target budget, and low-level source features help.</p>"
-        f"<table><tr><th>result</th><th>check</th><th>detail</th></tr>{rows}</table>"
-    )
-
-
-def _cell(mean: float, row: Mapping[str, Any] | None) -> str:
-    if not row or int(len(row.get("values") or [])) < 2:
-        return f"{mean:.3f}"
-    low, high = max(float(row["ci_low"]), 0.0), min(float(row["ci_high"]), 1.0)  # accuracies live in [0, 1]
-    return f"{mean:.3f} <span class=muted>[{low:.3f}, {high:.3f}]</span>"
-
-
-def _efficiency_statements(analysis: Mapping[str, Any]) -> str:
-    """Labels saved, where the gain stops being significant, and the floors verdict per k."""
-    items = []
-    saved = analysis.get("labels_saved") or {}
-    if saved.get("text"):
-        basis = analysis.get("basis", "validation")
-        who = f" ({saved['strategy']}, best on {basis})" if saved.get("strategy") else ""
-        items.append(f"<strong>Labels saved</strong>{html.escape(who)}: {html.escape(saved['text'])}.")
-    stops = analysis.get("gain_stops_significant") or {}
-    if stops.get("text"):
-        items.append(f"<strong>Significance of the gain</strong> (best strategy per k, paired t-test "
-                     f"across {analysis.get('n_seeds', '?')} seeds): {html.escape(stops['text'])}.")
-    for k, v in sorted((analysis.get("floor_verdicts") or {}).items(), key=lambda kv: int(kv[0])):
-        if not v.get("vs"):
-            continue
-        if v.get("beats_all"):
-            verdict = "beats all three classical floors"
-        else:
-            missed = html.escape(", ".join(v.get("not_beaten") or []))
-            verdict = f"does <strong>not</strong> beat {missed} significantly"
-        detail = ", ".join(f"{html.escape(f)} {g['mean']:+.3f}" for f, g in v["vs"].items())
-        items.append(f"k={int(k)}: {html.escape(str(v['strategy']))} {verdict} ({detail}).")
-    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>" if items else ""
-
-
-def _curve_html(data: Mapping[str, Any], curve_png: Path | None) -> str:
-    se = data.get("sample_efficiency") or {}
-    curves = _norm_curves(se.get("curves") or {})
-    analysis = se.get("analysis") or {}
-    summary = analysis.get("summary") or {}
-    floors = analysis.get("floors") or {}
-    if not curves:
-        body = _na("sample-efficiency sweep")
-    else:
-        ks = sorted({k for pts in curves.values() for k, _ in pts})
-        header = "".join(f"<th class=num>k={k}</th>" for k in ks)
-
-        def row(name: str, pts: Mapping[int, float], spread: Mapping[Any, Any]) -> str:
-            spread = {int(k): v for k, v in (spread or {}).items()}
-            return f"<tr><td>{html.escape(name)}</td>" + "".join(
-                f"<td class=num>{_cell(pts[k], spread.get(k))}</td>" if k in pts else "<td class=num>-</td>"
-                for k in ks
-            ) + "</tr>"
-
-        rows = "".join(
-            row(name, dict(pts), summary.get(name) or {})
-            for name, pts in sorted(curves.items(), key=lambda kv: kv[0] != SCRATCH)
-        )
-        rows += "".join(
-            row(f"floor: {name}", {int(k): float(v["mean"]) for k, v in frow.items()}, frow)
-            for name, frow in floors.items()
-        )
-        epochs = se.get("epochs")
-        n_seeds = analysis.get("n_seeds") or 1
-        body = (
-            _img(
-                curve_png,
-                "sample-efficiency curve",
-                "Test accuracy vs labelled images per class: "
-                "scratch (dashed), each fine-tuning strategy, classical floors (dotted); "
-                "error bars: 95% interval over seeds; stars mark this run.",
-            )
-            if curve_png
-            else ""
-        )
-        body += (
-            f"<table><tr><th>strategy</th>{header}</tr>{rows}</table>"
-            f"<p class=muted>Each point trains with this run's params except labels per class"
-            f"{f' and epochs={epochs} (quick sweep)' if epochs is not None else ''}, "
-            f"over {n_seeds} seed(s) (each draws the k-label subset and the init): mean test accuracy "
-            "[95% t-interval over seeds] on the fixed target test split. Strategies are ranked on the "
-            "validation split; floors are logistic regression, RBF SVC and LabelSpreading (with the "
-            "unlabelled pool) on raw pixels, same k-label subsets.</p>"
-        )
-        body += _efficiency_statements(analysis)
-        margin = float((data.get("summary") or {}).get("negative_transfer_margin") or 0.0)
-        worse = negative_points(se.get("curves") or {}, margin)
-        if worse:
-            body += (
-                '<div class="banner note"><strong>Scratch beats transfer at some budgets:'
-                "</strong><ul>"
-                + "".join(f"<li>{html.escape(w)}</li>" for w in worse)
-                + "</ul></div>"
-            )
-    notes = list(se.get("notes") or [])
-    if notes:
-        body += (
-            '<ul class="notes muted">'
-            + "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-            + "</ul>"
-        )
-    return body
-
-
-def plot_calibration(calibration: Mapping[str, Any], path: str | Path) -> Path:
-    """The transfer model's reliability diagram before and after temperature scaling."""
-    from transfer.metrics import _figure, _save, draw_reliability
-
-    fig = _figure(9, 4.5)
-    before, after = fig.subplots(1, 2)
-    tables = calibration["reliability"]
-    draw_reliability(before, tables["uncalibrated"], "uncalibrated (T = 1)")
-    draw_reliability(after, tables["calibrated"], f"temperature T = {calibration.get('temperature') or 1:.2f}")
-    fig.suptitle("Test holdout: reliability before and after temperature scaling (T fitted on val)")
-    return _save(fig, path)
-
-
-def _calibration_html(data: Mapping[str, Any], png: Path | None) -> str:
-    calibration = ((data.get("confusion") or {}).get("transfer") or {}).get("calibration") or {}
-    if png is None or calibration.get("ece") is None:
-        return _na("calibration (this run recorded no reliability table)")
-    text = (f"<p>Expected calibration error on the test holdout: "
-            f"{calibration['ece_uncalibrated']:.3f} before, <b>{calibration['ece']:.3f}</b> after temperature "
-            f"scaling (T = {calibration['temperature']:.2f}, fitted on the validation split; the served "
-            "model applies the same T, so its probabilities are the calibrated ones).</p>")
-    return text + _img(png, "reliability diagrams", "bars: accuracy per confidence bin; diagonal: perfect calibration")
-
-
-def _confusion_html(pngs: Mapping[str, Path]) -> str:
-    if not pngs:
-        return _na("confusion matrices")
-    figs = "".join(
-        _img(
-            path,
-            f"confusion matrix: {name}",
-            f"{name}: rows = true class, colour = fraction of the true class, numbers = counts",
-        )
-        for name, path in pngs.items()
-    )
-    return f'<div class="figs">{figs}</div>'
-
-
-def _provenance_html(data: Mapping[str, Any]) -> str:
-    src = data.get("source_model") or {}
-    if not src:
-        return _na("source model provenance")
-    init = src.get("initial_weights") or {}
-    init_text = (
-        f"{html.escape(str(init.get('weights', 'n/a')))}"
-        + (
-            f" (sha256 <code>{html.escape(str(init['sha256']))}</code>)"
-            if init.get("sha256")
-            else ""
-        )
-        if isinstance(init, Mapping)
-        else html.escape(str(init))
-    )
-    items = [
-        ("weights sha256", f"<code>{_e(src.get('weights_sha256'))}</code>"),
-        ("origin", _e(src.get("origin"))),
-        ("reused from an earlier run", _e(src.get("reused"))),
-        ("initial weights", init_text or "n/a"),
-        ("source data version", f"<code>{_e(src.get('source_data_version'))}</code>"),
-        ("source test accuracy", _e(src.get("source_test_accuracy"))),
-        ("architecture", _e(src.get("arch"))),
-        ("pretrain MLflow run", f"<code>{_e(src.get('run_id'))}</code>"),
-        ("model dir", f"<code>{_e(src.get('model_dir'))}</code>"),
-    ]
-    body = _kv(items)
-    recorded, actual = src.get("recorded_weights_sha256"), src.get("weights_sha256")
-    if recorded and actual and recorded != actual:
-        body = (
-            '<div class="banner danger"><strong>Provenance mismatch:</strong> the run '
-            f"recorded source weights <code>{html.escape(str(recorded))}</code> but the model "
-            f"used here hashes to <code>{html.escape(str(actual))}</code>.</div>"
-        ) + body
-    origin = str(src.get("origin") or "")
-    if origin and not origin.startswith("pretrained here"):
-        body += (
-            '<div class="banner note">The source weights were not trained by this pipeline: '
-            "a transferred model inherits its source's flaws (backdoors, spurious features). "
-            f"Audit where <code>{html.escape(origin)}</code> came from.</div>"
-        )
-    return (
-        "<p>A transferred model inherits its source model's flaws, so the source must be "
-        "traceable.</p>" + body
-    )
-
-
-def _strategy_html(data: Mapping[str, Any]) -> str:
-    s = data.get("summary") or {}
-    if not s.get("strategy"):
-        return _na("fine-tuning strategy")
-    items = [
-        ("strategy", f"<strong>{_e(s.get('strategy'))}</strong>"),
-        ("reason", _e(s.get("strategy_reason"))),
-        ("labels per class", _e(s.get("labels_per_class"))),
-    ]
-    rule = s.get("strategy_rule")
-    if rule:
-        items.append(("auto rule", html.escape(str(rule))))
-    return _kv(items)
-
-
-def _run_line(data: Mapping[str, Any]) -> str:
-    run = data.get("run") or {}
-    parts = []
-    if run.get("run_id"):
-        parts.append(f"MLflow run <code>{html.escape(str(run['run_id']))}</code>")
-    for key in ("run_name", "experiment", "status", "start_time"):
-        if run.get(key):
-            parts.append(f"{key.replace('_', ' ')}: {html.escape(str(run[key]))}")
-    if run.get("git_commit"):
-        parts.append(f"git <code>{html.escape(str(run['git_commit'])[:12])}</code>")
-    return " &middot; ".join(parts)
 
 
 def render_html(
@@ -1072,41 +498,16 @@ def render_html(
     summary_png: Path | None = None,
     calibration_png: Path | None = None,
 ) -> str:
-    title = str(data.get("title") or "Transfer report")
-    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    notes = list(data.get("notes") or [])
-    sections = [
-        _section("summary", "Summary", _summary_html(data)),
-        _section("data-sizes", "Data sizes", _data_html(data)),
-        _section("transfer-checks", "Does transfer make sense?", _checks_html(_checks(data))),
-        _section("sample-efficiency", "Sample efficiency", _curve_html(data, curve_png)),
-        _section("confusion-matrices", "Confusion matrices", _confusion_html(confusion_pngs)),
-        _section("calibration", "Calibration", _calibration_html(data, calibration_png)),
-        _section("provenance", "Source model provenance", _provenance_html(data)),
-        _section("strategy", "Fine-tuning strategy", _strategy_html(data)),
-    ]
-    if notes:
-        sections.append(
-            _section(
-                "report-notes",
-                "Report notes",
-                '<ul class="notes">'
-                + "".join(f"<li>{html.escape(str(n))}</li>" for n in notes)
-                + "</ul>",
-            )
-        )
-    if summary_png is not None:
-        sections.append(
-            _section("one-page", "One-page summary", _img(summary_png, "one-page summary"))
-        )
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
-        f'<header><h1>{html.escape(title)}</h1><p class="sub">{_run_line(data)}</p></header>\n'
-        + "\n".join(sections)
-        + f"\n<footer>Generated {now} by transfer-pipeline (<code>transfer report</code>).</footer>"
-        "\n</body></html>\n"
+    """The self-contained report page (``transfer/templates/report.html.j2``)."""
+    checks = _checks(data)
+    return templating.render(
+        "report.html.j2", **_helpers(),
+        data=data,
+        title=str(data.get("title") or "Transfer report"),
+        now=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        checks=None if checks is None else [{**c, "level_": _level(c)} for c in checks],
+        curve_png=curve_png, confusion_pngs=confusion_pngs, summary_png=summary_png,
+        calibration_png=calibration_png,
     )
 
 
@@ -1130,57 +531,21 @@ def _headline(data: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def plot_report_page(data: Mapping[str, Any], path: str | Path) -> Path:
-    """One page: headline numbers on top, curve + transfer + scratch confusion matrices below."""
-    fig = _figure(16, 7.2)
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1.0, 4.2])
-    title = str(data.get("title") or "Transfer report")
-    run_id = (data.get("run") or {}).get("run_id")
-    top.suptitle(title + (f"  (run {run_id})" if run_id else ""), fontsize=14, fontweight="bold")
-    negative = negative_transfer(data.get("summary") or {})
-    lines = _headline(data)
-    for i, line in enumerate(lines):
-        top.text(0.01, 0.62 - i * 0.24, line, fontsize=10, family="monospace", va="center")
-    if negative:
-        top.text(
-            0.99,
-            0.62,
-            "NEGATIVE TRANSFER",
-            fontsize=13,
-            color="white",
-            ha="right",
-            va="center",
-            fontweight="bold",
-            bbox={"facecolor": "#cf222e", "edgecolor": "none", "pad": 4},
-        )
-    axes = bottom.subplots(1, 3, width_ratios=[1.25, 1, 1])
-    se = data.get("sample_efficiency") or {}
-    _draw_curves(axes[0], se.get("curves") or {}, _run_point(data), se.get("analysis"))
-    axes[0].set_title("sample efficiency")
-    confusion = data.get("confusion") or {}
-    for ax, name in zip(axes[1:], ("transfer", "scratch"), strict=True):
-        block = confusion.get(name)
-        if block and block.get("matrix"):
-            classes = block.get("classes") or [str(i) for i in range(len(block["matrix"]))]
-            _draw_confusion(ax, bottom, block["matrix"], classes, _confusion_title(name, block))
-        else:
-            ax.axis("off")
-            ax.text(
-                0.5,
-                0.5,
-                f"{name}: no confusion matrix",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-            )
-    return _save(fig, path)
-
-
 # --------------------------------------------------------------------------- entry point
 
 
 def _jsonable(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
+
+
+def plot_report_page(data: Mapping[str, Any], path: str | Path) -> Path:
+    """The one-page PNG of the report data (``transfer.plots.plot_report_page``)."""
+    run_id = (data.get("run") or {}).get("run_id")
+    title = str(data.get("title") or "Transfer report") + (f"  (run {run_id})" if run_id else "")
+    return plots.plot_report_page(
+        path, title, _headline(data), negative_transfer(data.get("summary") or {}),
+        data.get("sample_efficiency") or {}, _run_point(data), data.get("confusion") or {},
+    )
 
 
 def build_report(data: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
@@ -1192,8 +557,8 @@ def build_report(data: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     se = data.get("sample_efficiency") or {}
-    if _norm_curves(se.get("curves") or {}):
-        paths["curve"] = plot_sample_efficiency(
+    if plots.norm_curves(se.get("curves") or {}):
+        paths["curve"] = plots.plot_sample_efficiency(
             se["curves"], out / "sample_efficiency.png", run_point=_run_point(data),
             analysis=se.get("analysis"),
         )
@@ -1201,12 +566,12 @@ def build_report(data: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path
     for name in ("transfer", "scratch"):
         block = (data.get("confusion") or {}).get(name)
         if block and block.get("matrix"):
-            confusion_pngs[name] = paths[f"confusion_{name}"] = plot_confusion(
+            confusion_pngs[name] = paths[f"confusion_{name}"] = plots.plot_confusion(
                 block, name, out / f"confusion_{name}.png"
             )
     calibration = ((data.get("confusion") or {}).get("transfer") or {}).get("calibration") or {}
     if (calibration.get("reliability") or {}).get("calibrated"):
-        paths["calibration"] = plot_calibration(calibration, out / "calibration.png")
+        paths["calibration"] = plots.plot_calibration(calibration, out / "calibration.png")
     paths["png"] = plot_report_page(data, out / "report.png")
     full = dict(data)
     full.setdefault("checks", _checks(data))

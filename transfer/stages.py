@@ -20,13 +20,11 @@ from transfer.calibration import apply_temperature, fit_temperature, nll
 from transfer.config import Params
 from transfer.data import ImageTensors, dataset_version, load_split, prepare_datasets, subsample_per_class
 from transfer.errors import TransferError
-from transfer.metrics import (
-    classification_report, expected_calibration_error, plot_confusion_matrix, plot_learning_curves,
-    plot_reliability, reliability_table,
-)
+from transfer.metrics import classification_report, expected_calibration_error, reliability_table
 from transfer.models import (
     TransferNet, create_model, load_model_dir, save_model_dir, weights_preprocessing, weights_sha256,
 )
+from transfer.plots import plot_confusion_matrix, plot_learning_curves, plot_reliability
 from transfer.preprocessing import Preprocessing
 from transfer.feature_cache import FeatureCache, train_head_cached
 from transfer.techniques.gradual import GradualUnfreezing

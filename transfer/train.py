@@ -438,7 +438,8 @@ def fit(
     wrapped_for: tuple[str, ...] | None = None
     started = time.perf_counter()
     try:
-        with _progress(progress, desc, cfg.epochs - start_epoch + 1, len(train), cfg.batch_size) as bar:
+        with _progress(progress, desc, cfg.epochs - start_epoch + 1, len(train), cfg.batch_size,
+                       cfg.epochs) as bar:
             for epoch in range(start_epoch, cfg.epochs + 1):
                 t0 = time.perf_counter()
                 for cb in callbacks:
@@ -581,12 +582,24 @@ def _resume(
 # --------------------------------------------------------------------------- progress
 
 
-class _NoBar:
+def epoch_line(desc: str, stats: EpochStats, epochs: int) -> str:
+    text = f"{desc}: epoch {stats.epoch}/{epochs} loss {stats.train_loss:.3f} acc {stats.train_acc:.3f}"
+    if stats.val_acc is not None:
+        text += f" val_acc {stats.val_acc:.3f}"
+    return f"{text} ({stats.seconds:.1f} s)"
+
+
+class _LogLines:
+    """Without a bar (the flow, a log file): one INFO line per epoch on ``transfer.train``."""
+
+    def __init__(self, desc: str, last_epoch: int) -> None:
+        self.desc, self.last_epoch = desc, last_epoch
+
     def advance_batch(self) -> None:
         pass
 
     def end_epoch(self, stats: EpochStats) -> None:
-        pass
+        log.info("%s", epoch_line(self.desc, stats, self.last_epoch))
 
 
 class _RichBar:
@@ -614,9 +627,10 @@ class _RichBar:
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool, desc: str, epochs: int, n: int, batch_size: int) -> Iterator[Any]:
+def _progress(enabled: bool, desc: str, epochs: int, n: int, batch_size: int,
+              last_epoch: int | None = None) -> Iterator[Any]:
     if not enabled or epochs <= 0:
-        yield _NoBar()
+        yield _LogLines(desc, last_epoch or epochs)
         return
     bar = _RichBar(desc, epochs, n, batch_size)
     with bar.progress:

@@ -78,6 +78,7 @@ def _image_tree(root: Path, classes: tuple[str, ...], per_class: int, mode: str)
     return root
 
 
+@pytest.mark.slow  # a real CLI run / Prefect flow: minutes on 2 cores
 def test_cli_prints_the_checks_before_stopping(grey_to_rgb: Path, tmp_path: Path):
     params_file = tmp_path / "params.yaml"
     dump = strict(grey_to_rgb).dump()
@@ -103,6 +104,7 @@ def test_cli_prints_the_checks_before_stopping(grey_to_rgb: Path, tmp_path: Path
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a real CLI run / Prefect flow: minutes on 2 cores
 def test_flow_log_shows_the_checks(grey_to_rgb: Path, tmp_path: Path, prefect_harness, caplog):
     @flow(name="sense-log")
     def validate_flow(p: Params, out: str) -> bool:

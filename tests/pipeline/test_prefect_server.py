@@ -96,7 +96,8 @@ def prefect_server(tmp_path: Path) -> Iterator[dict[str, str]]:
             if server.poll() is not None:
                 pytest.fail(f"prefect server exited {server.returncode}:\n{_tail(log)}")
             if time.monotonic() > deadline:
-                pytest.skip(f"prefect server not healthy within {START_TIMEOUT_S} s:\n{_tail(log, 1500)}")
+                # a server that never gets healthy is a regression to see, not a reason to skip
+                pytest.fail(f"prefect server not healthy within {START_TIMEOUT_S} s:\n{_tail(log, 1500)}")
             time.sleep(1)
         yield env
     finally:

@@ -1,8 +1,7 @@
-"""`report_for_run` against what the pipeline really records in MLflow (tiny data, no Prefect).
+"""`report_for_run` against what the pipeline really records in MLflow (tiny data).
 
-The pipeline's own stage functions (data version, pretrain, fine-tune, scratch, evaluate)
-run here without a Prefect server, then the parent run is closed with a summary.json the
-way ``finish_pipeline_run`` does it; the report must find everything from the run alone.
+The real pipeline flow runs (Prefect test harness, MLflow sqlite in a temp dir, outside DVC:
+the manifest hash is the data version); the report must find everything from the run alone.
 """
 
 from __future__ import annotations
@@ -17,54 +16,23 @@ import pytest
 from transfer.config import params_from_dict
 from transfer.errors import TransferError
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 RUN_PARAMS = {
     "data": {"image_size": 16, "source": {"n": 600}, "target": {"test_size": 300}},
     "pretrain": {"arch": "tiny_cnn", "epochs": 2, "batch_size": 64},
-    "finetune": {"strategy": "auto", "labels_per_class": 5, "epochs": 3, "batch_size": 16},
+    "finetune": {"strategy": "auto", "labels_per_class": 5, "epochs": 3, "batch_size": 16, "seeds": 1},
     "validate": {"min_source_ratio": 5.0},  # the report must apply the run's thresholds
+    "promote": {"accuracy_floor": 0.0, "require_beats_scratch": False},
     "runtime": {"device": "cpu"},
 }
 
 
 def _pipeline_run(params) -> dict:
-    """The pipeline flow's steps minus Prefect and promotion; returns the flow's summary."""
-    from tasks import tracking
-    from tasks.data import version_data
-    from tasks.evaluate import evaluate_models
-    from tasks.pipeline_run import log_data_version, log_source_model, start_pipeline_run
-    from tasks.train import finetune_target, pretrain_source, train_baseline
+    """The pipeline flow itself; returns its summary."""
+    from flows.pipeline import transfer_pipeline
 
-    run_id = start_pipeline_run.fn(params)
-    data = version_data(params)
-    log_data_version.fn(params, run_id, data)
-    source = pretrain_source(params, data, run_id)
-    log_source_model.fn(params, run_id, source)
-    tuned = finetune_target(params, data, source, run_id)
-    scratch = train_baseline(params, data, run_id)
-    evaluation = evaluate_models(params, [tuned], [scratch], run_id)
-    summary = {
-        "mlflow_run_id": run_id,
-        "strategy": tuned["strategy"],
-        "strategy_reason": tuned["reason"],
-        "labels_per_class": params.finetune.labels_per_class,
-        "source_reused": source["reused"],
-        "source_weights_sha256": source["weights_sha256"],
-        "transfer_accuracy": evaluation["transfer"]["accuracy"],
-        "scratch_accuracy": evaluation["scratch"]["accuracy"],
-        "gain": evaluation["gain"]["gain"],
-        "negative_transfer": evaluation["gain"]["negative_transfer"],
-        "model_name": params.model_name(),
-        "model_version": "1",
-        "promoted": True,
-        "promotion_reason": "all gates passed",
-        "tuned_run_id": tuned["run_id"],
-    }
-    client = tracking.configure(params)
-    tracking.log_json(client, run_id, summary, "summary.json")
-    tracking.end_run(client, run_id)
-    return summary
+    return transfer_pipeline(params=params)
 
 
 def test_report_for_run_reads_the_run_sweeps_and_logs(tmp_path: Path, monkeypatch) -> None:
@@ -130,6 +98,24 @@ def test_report_for_run_reads_the_run_sweeps_and_logs(tmp_path: Path, monkeypatc
     # A stage run id leads to its pipeline run; an unknown id is a user error.
     from tasks.report import find_pipeline_run
 
-    assert find_pipeline_run(client, caller, summary["tuned_run_id"]).info.run_id == run_id
+    stage_runs = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    assert stage_runs and all(find_pipeline_run(client, caller, r.info.run_id).info.run_id == run_id
+                              for r in stage_runs)
     with pytest.raises(TransferError, match="no MLflow run"):
         report_for_run(caller, "0" * 32, tmp_path / "bad", [1], ["head"], 1)
+
+    # `transfer runs`: the strategy auto resolved to, and the model's name
+    from tasks.history import recent_runs
+
+    row = recent_runs(caller)[0]
+    assert row["run_id"] == run_id and row["strategy"] == summary["strategy"] != "auto"
+    assert row["model_name"] == summary["model_name"] == "digits-transfer"
+    assert row["model_version"] == str(summary["model_version"])
+
+    # The version badge follows the registry now, not the run's record: once the champion
+    # alias has moved away (a rollback), this run's version no longer reads as promoted.
+    version = summary["model_version"]
+    assert summary["promoted"] and f"v{version} (promoted)</div>" in text
+    client.delete_registered_model_alias(summary["model_name"], "champion")
+    later = report_for_run(caller, run_id, tmp_path / "later", [], [])["html"].read_text()
+    assert f"v{version} (promoted, no longer champion: no champion now)</div>" in later

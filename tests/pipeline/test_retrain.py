@@ -100,6 +100,11 @@ def test_retrain_only_when_data_changed(dvc_repo: Path) -> None:
     forced = retrain_flow(force=True)
     assert forced["retrained"] and forced["reason"] == "forced" and forced["source_reused"], forced
     assert _versions() == 3
+    # through the same gates: the decision, the version's tags and the aliases agree
     tags = client.get_model_version(NAME, forced["model_version"]).tags
-    assert "promoted" in tags or "rejected" in tags  # through the same gates
+    champion = client.get_registered_model(NAME).aliases["champion"]
+    if forced["promoted"]:
+        assert tags.get("promoted") == "true" and "rejected" not in tags and champion == forced["model_version"]
+    else:
+        assert tags["rejected"] and "promoted" not in tags and champion == first["model_version"]
 

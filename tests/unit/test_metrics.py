@@ -16,11 +16,8 @@ from transfer.metrics import (
     expected_calibration_error,
     macro_f1,
     per_class_recall,
-    plot_confusion_matrix,
-    plot_learning_curves,
-    plot_reliability,
-    plot_transfer_gain,
 )
+from transfer.plots import plot_confusion_matrix, plot_learning_curves, plot_reliability, plot_transfer_gain
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 K = 5

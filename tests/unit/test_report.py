@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from transfer import stages
 from transfer.config import Params
 from transfer.data import ManifestRow, clear_memory_cache, prepare_target, write_manifest
 from transfer.errors import TransferError
@@ -348,12 +349,15 @@ def test_sample_efficiency_sweeps_k_per_strategy_and_caches(tiny_target, tmp_pat
     assert isinstance(curves, Curves) and isinstance(curves, dict)
     assert list(curves) == ["scratch", "head"]
     assert set(curves["scratch"]) == set(curves["head"]) == {1, 4}
-    assert all(0.0 <= acc <= 1.0 for c in curves.values() for acc in c.values())
     assert any("k=50 skipped" in n for n in curves.notes)
     assert params.finetune.labels_per_class == 5 and params.finetune.epochs == 2  # not mutated (default k)
-    results = sorted(work.glob("*/result.json"))
-    assert len(results) == 4
-    assert json.loads(results[0].read_text())["epochs"] == 1
+    results = [json.loads(r.read_text()) for r in sorted(work.glob("*/result.json"))]
+    assert len(results) == 4 and {r["epochs"] for r in results} == {1}
+    # each point is its stored result (one seed: the mean is that seed), a count over the test split
+    assert {(r["strategy"], r["k"]): r["accuracy"] for r in results} == {
+        (name, k): acc for name, c in curves.items() for k, acc in c.items()}
+    n_test = len(stages.target_splits(params)["test"])
+    assert all(acc * n_test == pytest.approx(round(acc * n_test)) for c in curves.values() for acc in c.values())
     assert not list(work.glob("*/model"))  # models removed unless keep_models
     again = sample_efficiency(params, source_dir, [1, 4], ["head"], work, False, epochs=1)
     assert dict(again) == dict(curves) and all(p["cached"] for p in again.points)
