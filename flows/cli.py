@@ -2,8 +2,8 @@
 orchestration commands, registered here on the glue side so the core imports nothing of
 Prefect, MLflow, tasks or flows.
 
-Each command imports the glue it needs inside its body: ``transfer runs`` never pays for
-Prefect, ``transfer validate`` never for MLflow.
+Each command imports the glue it needs inside its body, so a command pays only for the
+libraries it uses (``transfer validate``, a DVC stage, imports neither Prefect nor MLflow).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from transfer.cli import ParamsOpt, SetOpt, _note, _params, _print_mapping, cons
 from transfer.config import Params
 
 app = typer.Typer()  # the glue's commands; `composed()` merges them with the core's
+
 
 @app.command()
 def validate(

@@ -54,6 +54,7 @@ import html
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -62,8 +63,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks._gx import MAX_FAILING_ROWS, Check, CheckResult, expectations, run_suite
 from transfer import checks as sense
@@ -1059,10 +1058,8 @@ def validate_stage(params: Params, report_dir: str | Path | None = None) -> Vali
 
 
 def _in_prefect_run() -> bool:
+    if "prefect" not in sys.modules:  # never imported: no Prefect run here (and no import cost)
+        return False
     from prefect.context import FlowRunContext, TaskRunContext
 
     return TaskRunContext.get() is not None or FlowRunContext.get() is not None
-
-
-# Never cached: the same params must be re-validated whenever the data changes.
-validate_data = task(name="validate-data", retries=0, cache_policy=NO_CACHE)(validate_stage)

@@ -86,7 +86,7 @@ def dvc_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(tmp_path / "dvc-remote")], repo)
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     # dvc.yaml deps name source folders of the project: mirror them so `dvc repro` resolves.
-    for package in ("transfer", "tasks"):
+    for package in ("transfer", "tasks", "flows"):
         shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     write_yaml(repo / "params.yaml", TINY_PARAMS)
     monkeypatch.chdir(repo)
