@@ -54,8 +54,8 @@ IMPORTS = {"prefect": "prefect", "mlflow": "mlflow", "dvc": "dvc.repo", "great_e
            "the whole flow (flows.pipeline)": "flows.pipeline", "core: transfer.stages (torch; not overhead)":
            "transfer.stages"}
 # a flow task -> the bare stages it wraps (core_stages' keys)
-TASK_CORE = {"version-data": ["prepare"], "pretrain": ["pretrain"], "finetune": ["finetune"],
-             "scratch": ["scratch"], "evaluate": ["evaluate"]}
+TASK_CORE = {"version-data": ["prepare"], "pretrain-source": ["pretrain"], "finetune-target": ["finetune"],
+             "scratch-baseline": ["scratch"], "evaluate": ["evaluate"]}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -342,39 +342,49 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dic
 
 def totals(base: Path, params: Params, repeats: int, out: dict[str, Any], save: Callable[[], None],
            cold: bool = True) -> None:
-    """Bare stages, cold and warm `transfer run` into ``out``."""
+    """Bare stages, cold and warm `transfer run` into ``out``, interleaved (bare, cold, warm)
+    per repeat: load that drifts during the run weighs on the three alike, and a run stopped
+    early still holds whole triples."""
     base.mkdir(exist_ok=True)
-    print("bare stages ...", flush=True)
-    cores = [bare_stages(base, params, i) for i in range(repeats)]
-    out["bare"] = spread([c[0] for c in cores])
-    out["bare_stages"] = {k: spread([c[1][k] for c in cores]) for k in cores[0][1]}
-    save()
-    no_api_port = str(free_port())  # nothing listens there: the run starts a temporary API
+    no_api_port = str(free_port())  # nothing listens there: a cold run starts a temporary API
     home = base / "prefect-home"
-    if cold:
-        print("cold transfer run ...", flush=True)
-        out["cold"] = spread([transfer_run(base, params, f"cold-{i}", env(
-            PREFECT_HOME=str(home), PREFECT_SERVER_API_PORT=no_api_port,
-            MLFLOW_TRACKING_URI=f"sqlite:///{base / f'cold-store-{i}' / 'mlflow.db'}")) for i in range(repeats)])
-        save()
     warm_env = env(PREFECT_HOME=str(home), PREFECT_SERVER_API_PORT=str(free_port()),
                    MLFLOW_TRACKING_URI=f"sqlite:///{base / 'warm-store' / 'mlflow.db'}")
-    print("warm transfer run ...", flush=True)
+    runs: dict[str, list[float]] = {"bare": [], "cold": [], "warm": []}
+    stages: list[dict[str, float]] = []
     with KeptPrefectAPI(warm_env, base / "server.log") as api:
         out["kept_api_start"] = api.start_seconds
         subprocess.run([sys.executable, "-c", MLFLOW_STORE, str(base / "params.yaml")], env=warm_env, check=True,
                        capture_output=True)  # the store exists before the first warm run
-        out["warm"] = spread([transfer_run(base, params, f"warm-{i}", warm_env) for i in range(repeats)])
-        out["warm_tasks"] = {k: spread(v) for k, v in task_seconds(api.url, repeats).items()}
-    save()
+        cold_home = base / "prefect-home-cold"  # its own database: never the kept server's
+        if cold:  # a user's database exists after their first run: migrate it here, once
+            out["cold_home_first_api_start"] = python_seconds(PREFECT_START, env(PREFECT_HOME=str(cold_home)))
+        for i in range(repeats):
+            print(f"repeat {i + 1}/{repeats}: bare stages ...", flush=True)
+            seconds, per_stage = bare_stages(base, params, i)
+            runs["bare"].append(seconds)
+            stages.append(per_stage)
+            if cold:
+                print(f"repeat {i + 1}/{repeats}: cold transfer run ...", flush=True)
+                runs["cold"].append(transfer_run(base, params, f"cold-{i}", env(
+                    PREFECT_HOME=str(cold_home), PREFECT_SERVER_API_PORT=no_api_port,
+                    MLFLOW_TRACKING_URI=f"sqlite:///{base / f'cold-store-{i}' / 'mlflow.db'}")))
+            print(f"repeat {i + 1}/{repeats}: warm transfer run ...", flush=True)
+            runs["warm"].append(transfer_run(base, params, f"warm-{i}", warm_env))
+            out.update({name: spread(values) for name, values in runs.items() if values})
+            out["bare_stages"] = {k: spread([s[k] for s in stages]) for k in stages[0]}
+            out["warm_tasks"] = {k: spread(v) for k, v in task_seconds(api.url, i + 1).items()}
+            save()
 
 
 def markdown(result: dict[str, Any]) -> str:
+    """The tables; a partial result (a run stopped early) renders what it holds."""
     t = result["totals"]
     bare = t["bare"]["median"]
+    end = result.get("load_end") or f"{result.get('load_now')} when stopped (partial run)"
     lines = [
         f"Machine: {result['machine']}; shared with other work: load average (1, 5, 15 min) "
-        f"{result['load_start']} at start, {result['load_end']} at end. Medians of {result['repeats']} "
+        f"{result['load_start']} at start, {end} at end. Medians of {result['repeats']} "
         f"(min-max); params.yaml{' + ' + ', '.join(result['overrides']) if result['overrides'] else ''}.",
         "",
         "Totals: every run from nothing in a fresh directory and a fresh interpreter, timed from outside.",
@@ -386,6 +396,8 @@ def markdown(result: dict[str, Any]) -> str:
     if "cold" in t:
         lines.append(f"| cold `transfer run` (new MLflow store, temporary Prefect API) | {cell(t['cold'])} | "
                      f"**{t['cold']['median'] / bare:.2f}** | <= 1.25 |")
+    if "warm" not in t:
+        return "\n".join([*lines, "", "(stopped before the warm runs)", *_component_lines(result)]) + "\n"
     lines += [
         f"| warm `transfer run` (kept `transfer server`, existing store) | {cell(t['warm'])} | "
         f"**{t['warm']['median'] / bare:.2f}** | <= 1.10 |",
@@ -393,7 +405,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Fixed per-run overhead: cold {t.get('cold', t['warm'])['median'] - bare:+.1f} s, "
         f"warm {t['warm']['median'] - bare:+.1f} s. The kept API took {t['kept_api_start']:.1f} s to start, once.",
     ]
-    if "scaled" in result:
+    if "warm" in result.get("scaled", {}):
         s = result["scaled"]
         lines.append(f"At {s['scale']}x the training epochs (same data): bare {s['bare']['median']:.1f} s, warm "
                      f"{s['warm']['median']:.1f} s, ratio **{s['warm']['median'] / s['bare']['median']:.2f}**.")
@@ -405,8 +417,7 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{train:.1f} s of the bare {bare:.1f} s grows {scale}x, the overhead stays): warm ratio "
                      f"{(grown + t['warm']['median'] - bare) / grown:.2f}, cold "
                      f"{(grown + t.get('cold', t['warm'])['median'] - bare) / grown:.2f}.")
-    lines += ["", "Components, each measured on its own:", "", "| component | seconds |", "|---|---|"]
-    lines += [f"| {name} | {cell(stat)} |" for name, stat in result["components"].items()]
+    lines += _component_lines(result)
     lines += ["", "Flow tasks in the warm runs against the bare stages they wrap (the difference: MLflow runs, "
               "params, curves and plots, model logging and registration, Prefect's task engine):", "",
               "| task | flow (s) | bare stage (s) | overhead (s) |", "|---|---|---|---|"]
@@ -420,6 +431,11 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _component_lines(result: dict[str, Any]) -> list[str]:
+    lines = ["", "Components, each measured on its own:", "", "| component | seconds |", "|---|---|"]
+    return lines + [f"| {name} | {cell(stat)} |" for name, stat in result.get("components", {}).items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
@@ -428,7 +444,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller workload, one repeat: a smoke run")
     parser.add_argument("--scale", type=int, default=0, help="also measure at K times the training epochs")
     parser.add_argument("--out", default=None, help="results stem (default results/pipeline_overhead[_quick])")
+    parser.add_argument("--render", default=None, help="only write the tables of this (partial) result JSON")
     args = parser.parse_args()
+    if args.render:
+        print(markdown(json.loads(Path(args.render).read_text())))
+        return
     configure_runtime()
     stem = Path(args.out) if args.out else RESULTS / ("pipeline_overhead_quick" if args.quick else "pipeline_overhead")
     stem.parent.mkdir(parents=True, exist_ok=True)
