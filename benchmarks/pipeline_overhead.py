@@ -324,7 +324,8 @@ def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dic
             ("gx", lambda: gx_costs(base, params, repeats)),
         ]
         result["totals"] = {}  # first: the figures the targets are about
-        totals(base, params, repeats, result["totals"], lambda: save(result))
+        if not args.components_only:
+            totals(base, params, repeats, result["totals"], lambda: save(result))
         result["components"] = components
         for name, step in steps:
             print(f"measuring {name} ...", flush=True)
@@ -380,8 +381,12 @@ def totals(base: Path, params: Params, repeats: int, out: dict[str, Any], save: 
 def markdown(result: dict[str, Any]) -> str:
     """The tables; a partial result (a run stopped early) renders what it holds."""
     t = result["totals"]
-    bare = t["bare"]["median"]
     end = result.get("load_end") or f"{result.get('load_now')} when stopped (partial run)"
+    if "bare" not in t:
+        return "\n".join([f"Machine: {result['machine']}; load average (1, 5, 15 min) {result['load_start']} at "
+                          f"start, {end} at end. Medians of {result['repeats']} (min-max).",
+                          *_component_lines(result)]) + "\n"
+    bare = t["bare"]["median"]
     lines = [
         f"Machine: {result['machine']}; shared with other work: load average (1, 5, 15 min) "
         f"{result['load_start']} at start, {end} at end. Medians of {result['repeats']} "
@@ -444,6 +449,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller workload, one repeat: a smoke run")
     parser.add_argument("--scale", type=int, default=0, help="also measure at K times the training epochs")
     parser.add_argument("--out", default=None, help="results stem (default results/pipeline_overhead[_quick])")
+    parser.add_argument("--components-only", action="store_true", help="only the per-component costs")
     parser.add_argument("--render", default=None, help="only write the tables of this (partial) result JSON")
     args = parser.parse_args()
     if args.render:
