@@ -200,7 +200,8 @@ def task_seconds(api_url: str, runs: int) -> dict[str, list[float]]:
 
 def import_costs(repeats: int) -> dict[str, dict[str, Any]]:
     code = "import time; t = time.perf_counter(); import {0}; print(time.perf_counter() - t)"
-    return {label: spread([python_seconds(code.format(module), env()) for _ in range(repeats)])
+    return {f"import {label} (fresh interpreter)": spread([python_seconds(code.format(module), env())
+                                                          for _ in range(repeats)])
             for label, module in IMPORTS.items()}
 
 
