@@ -38,7 +38,7 @@ returns a ``ValidationReport`` (never raises on bad data); ``validate_stage`` is
 stage (CLI ``transfer validate``): it writes the report (json, markdown, html), publishes
 the markdown as the ``validation-report`` Prefect artifact when it runs inside Prefect and
 raises ``DataValidationError`` (a ``TransferError``) so the flow stops before any
-training; ``validate_data`` is its Prefect task.
+training; ``tasks.validate_gate.validate_data`` is its Prefect task.
 
 Class names are the dataset's top-level folders (ImageFolder: ``<class>/<file>``).
 Unlabelled target rows (split ``unlabelled``, label ``""``) are accepted only when
@@ -1040,7 +1040,7 @@ def validate_stage(params: Params, report_dir: str | Path | None = None) -> Vali
     ``<runtime.artifacts_dir>/validation``), publish it as the ``validation-report`` markdown
     artifact when running inside Prefect, and raise ``DataValidationError`` if the gate fails.
 
-    The CLI (``transfer validate``) calls this directly; ``validate_data`` is its Prefect task.
+    The CLI (``transfer validate``) calls this directly; ``tasks.validate_gate.validate_data`` is its Prefect task.
     """
     report_dir = Path(report_dir) if report_dir is not None else default_report_dir(params)
     source_dir, target_dir = dataset_dirs(params)
