@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.runtime import configure_runtime
 from tasks.data import version_data_task
 from tasks.evaluate import evaluate_summary as evaluation_summary
 from tasks.evaluate import evaluate_task
@@ -28,6 +29,7 @@ def transfer_pipeline(
     params_file: str = "params.yaml", overrides: list[str] | None = None, params: Params | None = None
 ) -> dict[str, Any]:
     """Run every stage; the champion alias moves only if all promotion gates pass."""
+    configure_runtime()  # the process settings, for a worker that imported this flow
     params = params or load_params(params_file, overrides or [])
     run_id = start_pipeline_run(params)
     report_dir = str(Path(params.runtime.artifacts_dir) / "validation" / run_id)

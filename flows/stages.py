@@ -20,6 +20,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.runtime import configure_runtime
 from tasks.data import version_data_task
 from tasks.evaluate import evaluate_summary as evaluation_summary
 from tasks.evaluate import evaluate_task
@@ -48,6 +49,7 @@ def pretrain_flow(
 
     Returns ``{source_model_uri, weights_sha256, validation_passed, data, mlflow_run_id}``.
     """
+    configure_runtime()  # the process settings, for a worker that imported this flow
     params = load_params(params_file, overrides or [])
     run_id = start_pipeline_run(params, "stage: pretrain")
     report_dir = str(Path(params.runtime.artifacts_dir) / "validation" / run_id)
@@ -80,6 +82,7 @@ def finetune_flow(
     reason}, ...], scratch_runs: [...], source: {weights_sha256, origin}, data, mlflow_run_id}``.
     """
     overrides = [*(overrides or []), f"pretrain.source_model={source_model_uri}"]
+    configure_runtime()  # the process settings, for a worker that imported this flow
     params = load_params(params_file, overrides)
     run_id = start_pipeline_run(params, "stage: finetune")
     try:
@@ -129,6 +132,7 @@ def evaluate_flow(
     MLflow; the seed registered is chosen on val). Returns the promotion decision with the
     test accuracies.
     """
+    configure_runtime()  # the process settings, for a worker that imported this flow
     params = load_params(params_file, overrides or [])
     run_id = start_pipeline_run(params, "stage: evaluate")
     try:

@@ -9,11 +9,13 @@ version is the manifest's content hash.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +91,9 @@ def version_data(
             "data.* overrides differ from params.yaml: preparing outside DVC (untracked data)"
         )
     with _prepare_lock(params):
-        if use_dvc:
+        if use_dvc and not repro_unchanged(root):
             run_dvc("repro", "prepare", root=root)
+            _record_repro_state(root)
         else:
             # The core reuses a dataset whose recipe (data params, fonts) is unchanged.
             stages.prepare(params, strict=False, progress=progress)
@@ -103,6 +106,58 @@ def version_data(
                 "dvc_md5": md5.get(name),
             }
     return result
+
+
+# ------------------------------------------------------------- "data unchanged" fast path
+# `dvc repro prepare` on an unchanged workspace costs seconds (DVC's import, then a stat of
+# every dataset file against its state database). The same question, answered the way
+# DVC's state database does (a file whose size, mtime and inode are unchanged is taken as
+# unchanged) plus the exact bytes of dvc.yaml, dvc.lock and params.yaml, costs a directory
+# walk; any difference at all, or no record, runs `dvc repro` as before.
+REPRO_STATE = Path(".dvc") / "tmp" / "transfer-prepare-state"
+
+
+def repro_state(root: str | Path = ".") -> str:
+    """A digest of everything `dvc repro prepare` decides from, as of now."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for name in ("dvc.yaml", "dvc.lock", "params.yaml"):
+        path = root / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b"(missing)") + b"\0")
+    spec = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}).get("prepare", {})
+    paths = [*spec.get("deps", []), *(next(iter(o)) if isinstance(o, dict) else o for o in spec.get("outs", []))]
+    for entry in sorted(map(str, paths)):
+        digest.update(f"{entry}\0".encode())
+        for line in _stat_lines(root / entry, root):
+            digest.update(line.encode())
+    return digest.hexdigest()
+
+
+def _stat_lines(path: Path, root: Path) -> Iterator[str]:
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(Path(d) / f for d, _, names in os.walk(path) for f in names)
+    else:
+        yield "(missing)\n"
+        return
+    for file in files:
+        stat = file.stat()
+        yield f"{file.relative_to(root).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ino}\n"
+
+
+def repro_unchanged(root: str | Path = ".") -> bool:
+    """True when nothing `dvc repro prepare` reads or writes changed since it last ran here."""
+    record = Path(root) / REPRO_STATE
+    return record.exists() and record.read_text() == repro_state(root)
+
+
+def _record_repro_state(root: Path) -> None:
+    record = root / REPRO_STATE
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(repro_state(root))
+    tmp.replace(record)
 
 
 def _prepare_lock(params: Params) -> FileLock:

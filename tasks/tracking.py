@@ -72,14 +72,15 @@ def configure(params: Params) -> MlflowClient:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if (uri, params.runtime.experiment) in _ready:  # every task calls this: set up once
-        return MlflowClient(uri, uri)
+        return _clients[uri]
     try:
         _check_reachable(uri)
         client = _open_store(uri, params)
     except (OSError, mlflow.exceptions.MlflowException, SQLAlchemyError) as error:
         raise _store_error(uri, error) from error
     _ready.add((uri, params.runtime.experiment))
-    return client
+    _clients.setdefault(uri, client)
+    return _clients[uri]
 
 
 def _store_uri(params: Params) -> str:
@@ -125,8 +126,10 @@ def _open_store(uri: str, params: Params) -> MlflowClient:
     return client
 
 
-# (tracking URI, experiment) pairs this process has set up
+# (tracking URI, experiment) pairs this process has set up, and one client per store
+# (thread-safe: it holds no state beyond the store, which pools its connections)
 _ready: set[tuple[str, str]] = set()
+_clients: dict[str, MlflowClient] = {}
 
 
 def _store_init_lock(uri: str) -> contextlib.AbstractContextManager:

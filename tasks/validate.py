@@ -38,7 +38,7 @@ returns a ``ValidationReport`` (never raises on bad data); ``validate_stage`` is
 stage (CLI ``transfer validate``): it writes the report (json, markdown, html), publishes
 the markdown as the ``validation-report`` Prefect artifact when it runs inside Prefect and
 raises ``DataValidationError`` (a ``TransferError``) so the flow stops before any
-training; ``validate_data`` is its Prefect task.
+training; ``tasks.validate_gate.validate_data`` is its Prefect task.
 
 Class names are the dataset's top-level folders (ImageFolder: ``<class>/<file>``).
 Unlabelled target rows (split ``unlabelled``, label ``""``) are accepted only when
@@ -53,6 +53,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -61,8 +62,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks._gx import MAX_FAILING_ROWS, Check, CheckResult, expectations, run_suite
 from transfer import checks as sense
@@ -1004,7 +1003,7 @@ def validate_stage(params: Params, report_dir: str | Path | None = None) -> Vali
     ``<runtime.artifacts_dir>/validation``), publish it as the ``validation-report`` markdown
     artifact when running inside Prefect, and raise ``DataValidationError`` if the gate fails.
 
-    The CLI (``transfer validate``) calls this directly; ``validate_data`` is its Prefect task.
+    The CLI (``transfer validate``) calls this directly; ``tasks.validate_gate.validate_data`` is its Prefect task.
     """
     report_dir = Path(report_dir) if report_dir is not None else default_report_dir(params)
     source_dir, target_dir = dataset_dirs(params)
@@ -1022,10 +1021,8 @@ def validate_stage(params: Params, report_dir: str | Path | None = None) -> Vali
 
 
 def _in_prefect_run() -> bool:
+    if "prefect" not in sys.modules:  # never imported: no Prefect run here (and no import cost)
+        return False
     from prefect.context import FlowRunContext, TaskRunContext
 
     return TaskRunContext.get() is not None or FlowRunContext.get() is not None
-
-
-# Never cached: the same params must be re-validated whenever the data changes.
-validate_data = task(name="validate-data", retries=0, cache_policy=NO_CACHE)(validate_stage)

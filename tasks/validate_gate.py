@@ -6,10 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from tasks import tracking
-from tasks.validate import validate_data
+from tasks.validate import validate_stage
 from transfer.config import Params
+
+# Never cached: the same params must be re-validated whenever the data changes. The task
+# lives here, not in tasks/validate.py: `transfer validate` (a DVC stage) needs no Prefect.
+validate_data = task(name="validate-data", retries=0, cache_policy=NO_CACHE)(validate_stage)
 
 
 @task(name="validate-gate", retries=0)

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.runtime import configure_runtime
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+# the CLI's process settings, before anything imports Prefect; then the tests' own
+configure_runtime()
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "true")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 # dvc runs stage commands through the shell: this venv's `transfer` must be on PATH.
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -84,7 +84,7 @@ def init_workspace(repo: Path, dvc_remote: Path, params: dict) -> Path:
     run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(dvc_remote)], repo)
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     # dvc.yaml deps name source folders of the project: mirror them so `dvc repro` resolves.
-    for package in ("transfer", "tasks"):
+    for package in ("transfer", "tasks", "flows"):
         shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     write_yaml(repo / "params.yaml", params)
     return repo

@@ -18,7 +18,8 @@ import pytest
 import yaml
 from prefect import flow
 
-from tasks.validate import DataValidationError, validate_data
+from tasks.validate import DataValidationError
+from tasks.validate_gate import validate_data
 from tests.data.test_validation import make_dataset, params
 from transfer.config import Params
 

@@ -22,9 +22,9 @@ from tasks.validate import (
     ValidationReport,
     check_compatibility,
     run_validation,
-    validate_data,
     validate_dataset,
 )
+from tasks.validate_gate import validate_data
 from transfer.config import Params, ValidateParams
 from transfer.errors import TransferError
 

@@ -199,3 +199,27 @@ def test_stage_deployments_on_a_worker_and_the_served_retrain_schedule(
     assert not retrain["retrained"] and "unchanged" in retrain["reason"], retrain
     assert retrain["champion_version"] == decision["version"]
     assert len(client.search_model_versions(f"name='{NAME}'")) == 1
+
+
+FIND_API = (
+    "from flows.prefect_api import running_prefect_api\n"
+    "with running_prefect_api() as url:\n"
+    "    from prefect.settings import PREFECT_API_URL\n"
+    "    print(url, PREFECT_API_URL.value())\n"
+)
+
+
+def test_a_kept_server_is_found_without_configuration(prefect_server: dict[str, str], tmp_path: Path) -> None:
+    """`transfer run`'s lookup: nothing configured, a server on PREFECT_SERVER_API_PORT -> it;
+    nothing answering there -> Prefect's temporary API (None)."""
+    url = prefect_server["PREFECT_API_URL"]
+    bare = {k: v for k, v in prefect_server.items() if k != "PREFECT_API_URL"}
+    port = url.split(":")[-1].split("/")[0]
+
+    def lookup(api_port: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", FIND_API], env={**bare, "PREFECT_SERVER_API_PORT": api_port},
+                              capture_output=True, text=True, cwd=REPO, check=True)
+        return proc.stdout.strip()
+
+    assert lookup(port) == f"{url} {url}"
+    assert lookup(str(_free_port())) == "None None"

@@ -75,7 +75,7 @@ def server(registry, version2, tmp_path_factory: pytest.TempPathFactory):
     log_path = tmp / "server.log"
     env = {**os.environ, TOKEN_ENV: token, "MLFLOW_TRACKING_URI": registry["uri"]}
     argv = [
-        sys.executable, "-m", "transfer.cli", "serve", "-p", str(REPO / "params.yaml"),
+        sys.executable, "-m", "flows.cli", "serve", "-p", str(REPO / "params.yaml"),
         "--set", f"promote.model_name={NAME}", "--set", f"serve.max_batch={MAX_BATCH}",
         "--set", f"serve.max_image_bytes={BIG_IMAGE_BYTES}", "--set", f"serve.auth_token_env={TOKEN_ENV}",
         "--version", "2", "--port", str(port),
@@ -169,7 +169,7 @@ def test_models_uris_resolve_to_one_version(registry, version2) -> None:
 
 def test_cli_refuses_unset_or_weak_tokens_and_two_model_choices(registry, tmp_path: Path) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "NO_SUCH_TOKEN_VAR": ""}
-    base = [sys.executable, "-m", "transfer.cli", "serve", "-p", str(REPO / "params.yaml"),
+    base = [sys.executable, "-m", "flows.cli", "serve", "-p", str(REPO / "params.yaml"),
             "--set", f"promote.model_name={NAME}", "--port", str(free_port())]
     proc = subprocess.run(
         [*base, "--set", "serve.auth_token_env=NO_SUCH_TOKEN_VAR"], cwd=tmp_path, env=env,

@@ -103,10 +103,11 @@ class Recorder:
 def run_stages(dvc_yaml: Path) -> dict[str, dict[str, list[str]]]:
     from typer.main import get_command
 
+    from flows.cli import composed
     from transfer import cli
     from transfer.data import clear_memory_cache
 
-    command = get_command(cli.app)
+    command = get_command(composed())
     recorder = Recorder()
     recorder.install()
     cli.load_params = recorder.pausing(cli.load_params)

@@ -28,7 +28,7 @@ from tests.conftest import TINY_PARAMS, write_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("transfer", "tasks", "flows")
-CLI = "transfer.cli"
+CLI_MODULES = ("transfer.cli", "flows.cli")  # the core commands, and the glue's
 
 
 def stages(path: Path = REPO / "dvc.yaml") -> dict[str, dict[str, Any]]:
@@ -69,38 +69,46 @@ def imports_of(nodes: Iterable[ast.AST], module: str) -> set[str]:
     return _project_modules(names)
 
 
-def command_function(argv: list[str]) -> str:
-    """The name of the function in transfer/cli.py that ``transfer <argv>`` runs."""
-    from transfer import cli
+def command_function(argv: list[str]) -> tuple[str, str]:
+    """The module and the name of the function that ``transfer <argv>`` runs (the console
+    command is ``flows/cli.py``'s composition of the core commands and the glue's)."""
+    from flows import cli
 
     def name_of(info: Any) -> str:
         return info.name or info.callback.__name__.replace("_", "-")
 
-    groups = {g.name: g.typer_instance for g in cli.app.registered_groups}
-    app, words = (groups[argv[0]], argv[1:]) if argv[0] in groups else (cli.app, argv)
+    whole = cli.composed()
+    groups = {g.name: g.typer_instance for g in whole.registered_groups}
+    app, words = (groups[argv[0]], argv[1:]) if argv[0] in groups else (whole, argv)
     for info in app.registered_commands:
         if name_of(info) == words[0]:
-            return info.callback.__name__
+            return info.callback.__module__, info.callback.__name__
     raise AssertionError(f"no transfer command {' '.join(argv)}")
 
 
 def stage_modules(cmd: str) -> set[str]:
-    """Every project module ``cmd`` imports: the CLI's module-level imports and its command's
-    body, then the modules those import, transitively (only the command's part of cli.py)."""
+    """Every project module ``cmd`` imports: the module-level imports of the CLI module that
+    defines its command and that command's body, then the modules those import, transitively
+    (of a CLI module only its module-level imports: its other commands are not the stage's)."""
     argv = shlex.split(cmd)
     assert argv[0] == "transfer", f"{cmd!r} is not a transfer command"
     words = [w for w in argv[1:] if not w.startswith("-")][:2]
-    tree = ast.parse(module_file(CLI).read_text())
-    function = command_function(words)
+    module, function = command_function(words)
+    tree = ast.parse(module_file(module).read_text())
     body = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
-    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    seen, todo = {CLI}, list(imports_of([*top, *body], CLI))
+    # the packages on the way run too (``flows.cli`` runs ``flows/__init__.py``)
+    seen, todo = {module}, [*_project_modules([module]), *imports_of([*_top_imports(tree), *body], module)]
     while todo:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
-            todo += imports_of([ast.parse(module_file(module).read_text())], module)
+            tree = ast.parse(module_file(module).read_text())
+            todo += imports_of(_top_imports(tree) if module in CLI_MODULES else [tree], module)
     return seen
+
+
+def _top_imports(tree: ast.Module) -> list[ast.AST]:
+    return [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
 
 
 def code_files(modules: Iterable[str]) -> set[str]:

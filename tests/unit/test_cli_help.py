@@ -8,7 +8,8 @@ import click
 import typer
 from click.testing import CliRunner
 
-from transfer.cli import app, plain_metavars
+from flows.cli import composed
+from transfer.cli import plain_metavars
 
 # Typer 0.29 prints the annotation: `--help <bool>`, `--set <list[str]>`, `--out <path>`
 PYTHON_TYPE = re.compile(r"<(bool|str|int|float|path|Path|list\[[^\]]*\]|int range)>")
@@ -22,7 +23,7 @@ def _commands(command: click.Command, path: tuple[str, ...] = ()) -> list[tuple[
 
 
 def test_every_help_page_has_plain_metavars() -> None:
-    command = plain_metavars(typer.main.get_command(app))
+    command = plain_metavars(typer.main.get_command(composed()))
     runner = CliRunner()
     pages = {}
     for path in _commands(command):
