@@ -64,11 +64,14 @@ def engine() -> Iterator[None]:
     if not _docker_answers():
         if not ENGINE_SH.is_file():
             pytest.skip(f"no container engine: `docker info` does not answer and {ENGINE_SH} is absent")
-        proc = engine_sh('ctr_start && echo "DOCKER_HOST=$DOCKER_HOST" && echo "PATH=$PATH"', timeout=120)
-        if proc.returncode != 0:
-            pytest.skip(f"no container engine: engine.sh ctr_start failed: {proc.stderr.strip().splitlines()[-1:]}")
+        # the script's socket and its docker CLI (an engine it started earlier may be running)
+        proc = engine_sh('echo "DOCKER_HOST=$DOCKER_HOST"; echo "PATH=$PATH"', timeout=60)
         os.environ.update(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
         os.environ["DOCKER_BUILDKIT"] = "1"
+    if not _docker_answers():
+        proc = engine_sh("ctr_start", timeout=120)
+        if proc.returncode != 0:
+            pytest.skip(f"no container engine: engine.sh ctr_start failed: {proc.stderr.strip().splitlines()[-1:]}")
         started = True
     try:
         if docker("image", "inspect", BASE_IMAGE, check=False).returncode != 0:

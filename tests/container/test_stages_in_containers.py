@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from tasks.serve import invocations_payload, predict_files, wait_until_ready
 from tests.conftest import BIN, TINY_PARAMS, write_yaml
 from tests.container.conftest import QUIET_ENV, docker, run_args, workspace
 from tests.pipeline.test_prefect_server import _free_port
-from tests.serving.test_serving import assert_client_error, b64, png, post
+from tests.serving.test_serving import assert_client_error, b64, png
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 NAME = "digits-transfer"
@@ -95,15 +98,29 @@ def test_image_runs_as_non_root_on_a_read_only_root(image: str) -> None:
     assert proc.stdout.split() == ["1000", "read-only"], proc.stdout + proc.stderr
 
 
+def _post(url: str, body: bytes, token: str | None) -> tuple[int, str]:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(url + "/invocations", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
 def test_champion_served_from_a_container(host_run, container_run, image: str, mlflow_server: str,
                                           tmp_path: Path) -> None:
+    """The champion served by a read-only container with a bearer token from its run-time env:
+    /health open, a batch of 3 = the host champion's predictions, a malformed payload -> 400,
+    Docker's HEALTHCHECK healthy; the token in no image layer, config, log or workspace file."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     ws = container_run["ws"]
+    token = f"planted-{secrets.token_hex(16)}"
     flags = run_args(ws, {"MLFLOW_TRACKING_URI": mlflow_server, "TRANSFER_SERVE_HOST": "127.0.0.1",
-                          "TRANSFER_SERVE_PORT": str(port)})
+                          "TRANSFER_SERVE_PORT": str(port), "TRANSFER_SERVE_TOKEN": token})
     cid = docker("run", "-d", "--health-interval", "2s", "--health-start-period", "0s", *flags,
-                 image, "serve").stdout.strip()
+                 image, "serve", "--set", "serve.auth_token_env=TRANSFER_SERVE_TOKEN").stdout.strip()
     try:
         try:
             wait_until_ready(url, timeout=240)
@@ -115,22 +132,32 @@ def test_champion_served_from_a_container(host_run, container_run, image: str, m
             paths.append(tmp_path / f"{i}.png")
             paths[-1].write_bytes(data)
         expected = predict_files(paths, f"models:/{NAME}@champion", tracking_uri=host_run["uri"])
+        batch = invocations_payload([b64(i) for i in images])
 
-        status, text = post(url, invocations_payload([b64(i) for i in images]))
+        status, text = _post(url, batch, None)
+        assert status == 401 and "predictions" not in text, text
+        status, text = _post(url, batch, token)
         assert status == 200, text
         predictions = json.loads(text)["predictions"]
         assert [p["label"] for p in predictions] == [e["label"] for e in expected]
         for served, local in zip(predictions, expected):
             assert served["probability"] == pytest.approx(local["probability"], abs=1e-5)
 
-        status, text = post(url, b'{"dataframe_split": {"columns": ["image"], "data": [["%%%"]]}}')
+        status, text = _post(url, b'{"dataframe_split": {"columns": ["image"], "data": [["%%%"]]}}', token)
         assert_client_error(status, text, "row 0", "not valid base64")
-        status, text = post(url, b"{not json")
+        status, text = _post(url, b"{not json", token)
         assert status == 400, text
 
         deadline = time.monotonic() + 60
         while (health := docker("inspect", "-f", "{{.State.Health.Status}}", cid).stdout.strip()) != "healthy":
             assert time.monotonic() < deadline, health
             time.sleep(1)
+        logs = docker("logs", cid)
     finally:
         docker("rm", "-f", cid, check=False)
+    # The secret went in at run time only: not in the layers' history, the image's config, the
+    # server's output, or anything the containers wrote to the workspace.
+    assert token not in docker("history", "--no-trunc", image).stdout
+    assert token not in docker("image", "inspect", image).stdout
+    assert token not in logs.stdout + logs.stderr
+    assert not [p for p in ws.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
