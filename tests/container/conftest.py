@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_PARAMS
 from tests.pipeline.test_prefect_server import _free_port, _healthy, _start, _stop, _tail
 
 BIN = Path(sys.executable).parent
@@ -29,6 +29,8 @@ ENGINE_SH = REPO.parent / "shared" / "containers" / "engine.sh"
 IMAGE = os.environ.get("TRANSFER_TEST_IMAGE", "transfer-pipeline:test")
 BASE_IMAGE = os.environ.get("TRANSFER_TEST_BASE_IMAGE", "local/debian-py:bookworm")
 APP_UID = 1000  # the image's user (Dockerfile ARG APP_UID)
+# The suite's tiny params, one fine-tuning seed: every stage still runs (CI time budget).
+PARAMS = {**TINY_PARAMS, "finetune": {**TINY_PARAMS["finetune"], "seeds": 1}}
 # Prefect/MLflow/GX quiet and offline inside the containers too.
 QUIET_ENV = {
     "GX_ANALYTICS_ENABLED": "false", "MLFLOW_ENABLE_ASYNC_LOGGING": "false",

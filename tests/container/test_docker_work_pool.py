@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import BIN, REPO, TINY_PARAMS, write_yaml
-from tests.container.conftest import QUIET_ENV, docker, workspace
+from tests.conftest import BIN, REPO, write_yaml
+from tests.container.conftest import PARAMS, QUIET_ENV, docker, workspace
 from tests.pipeline.test_prefect_server import _start, _stop, _tail
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
@@ -45,8 +45,9 @@ def local_prefect_yaml(ws: Path, image: str, mlflow_url: str, gpu: bool) -> dict
     for deployment in config["deployments"]:
         if deployment["name"] not in DEPLOYMENTS:
             continue
+        deployment = copy.deepcopy(deployment)  # YAML anchors: the deployments share one dict
         variables = deployment["work_pool"]["job_variables"]
-        kwargs = copy.deepcopy(variables["container_create_kwargs"])
+        kwargs = variables["container_create_kwargs"]
         if deployment["name"] in STAGES:  # the default asks Docker for every GPU
             assert kwargs["device_requests"] == [{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]
             if not gpu:  # an engine without the NVIDIA runtime refuses the request
@@ -74,9 +75,9 @@ def test_chained_pipeline_on_a_docker_work_pool(
     from flows.chained import CHAINED
 
     ws = workspace(tmp_path_factory.mktemp("pool-ws"))
-    params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "root": str(ws / "data")},
-              "promote": {**TINY_PARAMS["promote"], "model_name": MODEL},
-              "runtime": {**TINY_PARAMS["runtime"], "artifacts_dir": str(ws / "artifacts"), "experiment": "pool"}}
+    params = {**PARAMS, "data": {**PARAMS["data"], "root": str(ws / "data")},
+              "promote": {**PARAMS["promote"], "model_name": MODEL},
+              "runtime": {**PARAMS["runtime"], "artifacts_dir": str(ws / "artifacts"), "experiment": "pool"}}
     write_yaml(ws / "params.yaml", params)
     gpu = _has_nvidia_runtime()
     prefect_file = tmp_path_factory.mktemp("pool") / "prefect.yaml"

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from tasks.serve import invocations_payload, predict_files, wait_until_ready
-from tests.conftest import BIN, TINY_PARAMS, write_yaml
-from tests.container.conftest import QUIET_ENV, docker, run_args, workspace
+from tests.conftest import BIN, write_yaml
+from tests.container.conftest import PARAMS, QUIET_ENV, docker, run_args, workspace
 from tests.pipeline.test_prefect_server import _free_port
 from tests.serving.test_serving import assert_client_error, b64, png
 
@@ -48,7 +48,7 @@ def _results(ws: Path) -> dict[str, dict[str, Any]]:
 def host_run(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> dict[str, Any]:
     """The same stage commands on the host, MLflow in a sqlite file."""
     ws = tmp_path_factory.mktemp("host-ws")
-    write_yaml(ws / "params.yaml", TINY_PARAMS)
+    write_yaml(ws / "params.yaml", PARAMS)
     uri = f"sqlite:///{ws / 'mlflow.db'}"
     env = {**os.environ, **QUIET_ENV, "MLFLOW_TRACKING_URI": uri, "PREFECT_API_URL": prefect_api}
     for stage, argv in STAGES:
@@ -63,7 +63,7 @@ def container_run(tmp_path_factory: pytest.TempPathFactory, image: str, mlflow_s
                   prefect_api: str) -> dict[str, Any]:
     """Each stage its own container over one workspace; MLflow = the tracking server."""
     ws = workspace(tmp_path_factory.mktemp("container-ws"))
-    write_yaml(ws / "params.yaml", TINY_PARAMS)
+    write_yaml(ws / "params.yaml", PARAMS)
     cids = tmp_path_factory.mktemp("cids")
     flags = run_args(ws, {"MLFLOW_TRACKING_URI": mlflow_server, "PREFECT_API_URL": prefect_api})
     for stage, argv in STAGES:
