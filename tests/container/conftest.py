@@ -15,8 +15,8 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -109,12 +109,19 @@ def image(engine: None) -> str:
     return IMAGE
 
 
-def _wait(url: str, proc: subprocess.Popen, log: Path, what: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not _healthy(url):
-        assert proc.poll() is None, f"{what} exited {proc.returncode}:\n{_tail(log)}"
-        assert time.monotonic() < deadline, f"{what} not healthy within {timeout_s} s:\n{_tail(log)}"
-        time.sleep(1)
+@contextmanager
+def _server(cmd: list[str], log: Path, env: dict[str, str], health_url: str, what: str) -> Iterator[None]:
+    """A server subprocess, healthy before the body runs, stopped (its process group) after."""
+    proc = _start(cmd, log, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while not _healthy(health_url):
+            assert proc.poll() is None, f"{what} exited {proc.returncode}:\n{_tail(log)}"
+            assert time.monotonic() < deadline, f"{what} not healthy within 180 s:\n{_tail(log)}"
+            time.sleep(1)
+        yield
+    finally:
+        _stop(proc)
 
 
 @pytest.fixture(scope="session")
@@ -122,37 +129,26 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``mlflow server`` on loopback: sqlite backend, artifacts proxied (clients upload over
     HTTP, never touching the artifact directory); yields its URL."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = root / "server.log"
-    proc = _start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                   "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
-                   "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                  log, env={**os.environ, **QUIET_ENV})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait(url, proc, log, "mlflow server")
+    url = f"http://127.0.0.1:{_free_port()}"
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
+           "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    with _server(cmd, root / "server.log", {**os.environ, **QUIET_ENV}, url, "mlflow server"):
         yield url
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``prefect server start`` on loopback (sqlite); yields its API URL."""
     root = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = str(_free_port())
     env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(root / "home"),
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
            "PREFECT_SERVER_UI_ENABLED": "false"}
-    log = root / "server.log"
-    proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                   "--no-ui"], log, env=env)
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port, "--no-ui"]
     url = f"http://127.0.0.1:{port}/api"
-    try:
-        _wait(url, proc, log, "prefect server")
+    with _server(cmd, root / "server.log", env, url, "prefect server"):
         yield url
-    finally:
-        _stop(proc)
 
 
 def workspace(path: Path) -> Path:
@@ -172,11 +168,3 @@ def run_args(ws: Path, env: dict[str, str]) -> list[str]:
     for key, value in {**QUIET_ENV, **env}.items():
         flags += ["-e", f"{key}={value}"]
     return flags
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
