@@ -81,6 +81,7 @@ def stage_vs_host(image: str, repeats: int) -> dict[str, list[float]]:
         for i in range(repeats):
             times["host"].append(timed([str(BIN / "transfer"), "pretrain", *sets, "--out", f"models/h{i}",
                                         "--metrics", f"metrics/h{i}.json"], cwd=ws, env=env))
+            subprocess.run(["chown", "-R", "1000:1000", str(ws)], check=False)  # the host run's dirs
             times["container"].append(timed(["docker", "run", "--rm", *ws_flags(ws), image, "pretrain", *sets,
                                               "--out", f"models/c{i}", "--metrics", f"metrics/c{i}.json"]))
     return times
