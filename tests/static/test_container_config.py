@@ -89,13 +89,24 @@ def test_hadolint_passes() -> None:
 
 def test_cuda_base_and_python_version() -> None:
     args = build_args()
-    base = args["CUDA_IMAGE"]
+    base = args["BASE_IMAGE"]
     assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-[a-z-]+-ubuntu\d\d\.04", base), base
-    final_from = [v for k, v in instructions() if k == "FROM"][-1]
-    assert final_from == "${CUDA_IMAGE}"
+    froms = [v for k, v in instructions() if k == "FROM"]
+    assert froms == ["${BASE_IMAGE}"]  # one stage, one local-able base: no other image pulled
     requires = pyproject()["project"]["requires-python"]
     assert args["PYTHON_VERSION"] == "3.11" and ">=3.11" in requires
     assert any(dep.startswith("torch==2.14") for dep in pyproject()["project"]["dependencies"])
+    assert not DOCKERFILE.read_text().startswith("# syntax=")  # Debian's docker CLI refuses it
+
+
+def test_pip_settings_are_build_args_and_no_secret_is() -> None:
+    declared = {v.split("=")[0] for k, v in instructions() if k == "ARG"}
+    assert {"PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_CONSTRAINT"} <= declared
+    secret = re.compile(r"TOKEN|PASSWORD|SECRET|AUTH|CREDENTIAL|KEY", re.IGNORECASE)
+    assert not [name for name in declared if secret.search(name)], declared  # visible in history
+    env = " ".join(v for k, v in instructions() if k == "ENV")
+    assert not secret.search(env), env
+    assert "docker" in pyproject()["project"]["optional-dependencies"]
 
 
 def test_runs_as_non_root_with_transfer_entrypoint() -> None:
@@ -110,7 +121,9 @@ def test_runs_as_non_root_with_transfer_entrypoint() -> None:
     assert ("ENTRYPOINT", '["transfer"]') in ins
     assert ("EXPOSE", str(ServeParams().port)) in ins
     runs = " ".join(v for k, v in ins if k == "RUN")
-    assert "-r pyproject.toml" in runs and "install --no-deps ." in runs  # pinned deps, then us
+    assert "-r /tmp/requirements.txt" in runs and "--no-deps --no-build-isolation ." in runs  # deps, then us
+    copies = [v for k, v in ins if k == "COPY"]
+    assert copies == ["pyproject.toml ./", ". ."]  # the dependency layer only changes with the pins
 
 
 def test_healthcheck_pings_the_scoring_server(tmp_path: Path) -> None:
@@ -210,6 +223,7 @@ def test_gpu_work_pool_requests_gpus() -> None:
         assert variables["image"] == "{{ build-image.image }}"
         kwargs = variables["container_create_kwargs"]
         assert kwargs["entrypoint"] == ["/usr/bin/env"]  # the image's ENTRYPOINT is `transfer`
+        assert kwargs["read_only"] is True and "/tmp" in kwargs["tmpfs"]
         if deployment["name"] == "chained-pipeline":
             continue  # only orchestrates the stage deployments
         (request,) = kwargs["device_requests"]
