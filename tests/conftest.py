@@ -104,3 +104,31 @@ def dvc_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return repo
+
+
+@contextmanager
+def mlflow_uris(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri``, then restore exactly what was there before.
+
+    ``set_tracking_uri`` / ``set_registry_uri`` also export MLFLOW_TRACKING_URI /
+    MLFLOW_REGISTRY_URI; restoring with the public setters would pin a value that later tests
+    expect to come from their own environment, so the module globals are put back as well.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {name: os.environ.get(name) for name in names}
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

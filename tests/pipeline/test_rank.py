@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO, TINY_PARAMS, write_yaml
+from tests.conftest import REPO, TINY_PARAMS, mlflow_uris, write_yaml
 from transfer.config import load_params
 from transfer.transferability import ESTIMATORS
 
@@ -26,7 +26,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("rank")
     write_yaml(root / "params.yaml", PARAMS)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
+    # the registry too: an earlier test's in-process run may have exported MLFLOW_REGISTRY_URI
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([TRANSFER, "rank"], cwd=root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return {"root": root, "uri": uri, "stdout": proc.stdout, "env": env}
@@ -38,7 +39,7 @@ def _rank_runs(client: MlflowClient) -> list:
 
 
 def test_rank_prints_the_table_and_logs_it_to_mlflow(project: dict) -> None:
-    client = MlflowClient(project["uri"])
+    client = MlflowClient(project["uri"], registry_uri=project["uri"])
     (run,) = _rank_runs(client)
     ranking = json.loads(Path(client.download_artifacts(run.info.run_id, "ranking/ranking.json")).read_text())
     names = [row["name"] for row in ranking["rows"]]
@@ -55,7 +56,7 @@ def test_rank_prints_the_table_and_logs_it_to_mlflow(project: dict) -> None:
 
 
 def test_pretrained_source_is_registered_with_its_provenance(project: dict) -> None:
-    client = MlflowClient(project["uri"])
+    client = MlflowClient(project["uri"], registry_uri=project["uri"])
     (model,) = client.search_registered_models(filter_string="tags.`transfer.role` = 'source'")
     assert model.name == "source-fonts"
     (version,) = client.search_model_versions("name='source-fonts'")
@@ -69,13 +70,10 @@ def test_source_auto_uses_the_top_ranked_candidate(project: dict, monkeypatch: p
 
     monkeypatch.chdir(project["root"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", project["uri"])
-    import mlflow
-
-    mlflow.set_tracking_uri(project["uri"])
-    mlflow.set_registry_uri(project["uri"])
     params = load_params("params.yaml", ["pretrain.source=auto", "pretrain.candidates=[random, registered]"])
-    source = pretrain_source(params, {}, None)
-    client = MlflowClient(project["uri"])
+    with mlflow_uris(project["uri"]):  # restored after: later tests read their own store
+        source = pretrain_source(params, {}, None)
+    client = MlflowClient(project["uri"], registry_uri=project["uri"])
     last = _rank_runs(client)[-1]
     ranking = json.loads(Path(client.download_artifacts(last.info.run_id, "ranking/ranking.json")).read_text())
     top = ranking["rows"][0]

@@ -19,8 +19,6 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -47,6 +45,7 @@ from tasks.serve import (
     serve_env,
     wait_until_ready,
 )
+from tests.conftest import mlflow_uris
 from transfer.errors import DataError, TransferError
 from transfer.models import create_model, save_model_dir
 from transfer.predict import InputError, Predictor
@@ -68,33 +67,6 @@ def png(seed: int, shape: tuple[int, ...] = (20, 24, 3)) -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-@contextmanager
-def mlflow_uris(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API at ``uri``, then restore exactly what was there before.
-
-    ``set_tracking_uri`` / ``set_registry_uri`` also export MLFLOW_TRACKING_URI /
-    MLFLOW_REGISTRY_URI; restoring with the public setters would pin a value that later tests
-    expect to come from their own environment, so the module globals are put back as well.
-    """
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved_env = {name: os.environ.get(name) for name in names}
-    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @pytest.fixture(scope="module")

@@ -76,8 +76,13 @@ class Recorder:
         if any(c in mode for c in "wax+"):
             return
         path = Path(args[0])
+        full = path if path.is_absolute() else self.cwd / path
+        # only files that exist are read: the import system also probes sys.path entries
+        # such as the editable install's path hook, which name no file
         try:
-            relative = (path if path.is_absolute() else self.cwd / path).resolve().relative_to(self.cwd)
+            if not full.is_file():
+                return
+            relative = full.resolve().relative_to(self.cwd)
         except (ValueError, OSError):
             return
         self.files.add(relative.as_posix())
