@@ -318,11 +318,9 @@ def machine(root: Path, mlflow: MlflowServer, prefect: PrefectServer,
 # ---------------------------------------------------------------- after the runs
 def decision_of(client: Any, run_id: str) -> dict[str, Any]:
     """The promotion decision a pipeline run logged (promotion/decision.json), over HTTP."""
-    import mlflow
-
+    # through ``client`` (the server), never the fluent API's URI, which an earlier test may have set
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="promotion/decision.json",
-                                                    dst_path=tmp)
+        local = client.download_artifacts(run_id, "promotion/decision.json", tmp)
         return json.loads(Path(local).read_text())
 
 
@@ -347,12 +345,11 @@ def check_serialised_promotions(client: Any, decisions: list[dict[str, Any]], na
 def tracked_text(client: Any, run_ids: list[str], dst: Path) -> str:
     """Everything one pipeline run left in MLflow, as text: params, tags, metrics' names,
     and every artifact downloaded (model files included)."""
-    import mlflow
-
     chunks = []
     for run_id in run_ids:
         run = client.get_run(run_id)
         chunks += [json.dumps(run.data.params), json.dumps(run.data.tags), json.dumps(list(run.data.metrics))]
-        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(dst / run_id)))
+        (dst / run_id).mkdir(parents=True, exist_ok=True)
+        local = Path(client.download_artifacts(run_id, "", str(dst / run_id)))
         chunks += [p.read_bytes().decode("latin-1") for p in local.rglob("*") if p.is_file()]
     return "\n".join(chunks)
