@@ -132,3 +132,12 @@ def mlflow_uris(uri: str) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (now): for a server a test starts, or to probe a closed one."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

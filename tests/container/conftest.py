@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_PARAMS
-from tests.pipeline.test_prefect_server import _free_port, _healthy, _start, _stop, _tail
+from tests.conftest import REPO, TINY_PARAMS, free_port
+from tests.pipeline.test_prefect_server import _healthy, _start, _stop, _tail
 
 BIN = Path(sys.executable).parent
 ENGINE_SH = REPO.parent / "shared" / "containers" / "engine.sh"
@@ -129,7 +129,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``mlflow server`` on loopback: sqlite backend, artifacts proxied (clients upload over
     HTTP, never touching the artifact directory); yields its URL."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
            "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
@@ -141,7 +141,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``prefect server start`` on loopback (sqlite); yields its API URL."""
     root = tmp_path_factory.mktemp("prefect-server")
-    port = str(_free_port())
+    port = str(free_port())
     env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(root / "home"),
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect.db'}",
            "PREFECT_SERVER_UI_ENABLED": "false"}

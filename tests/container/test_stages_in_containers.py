@@ -22,9 +22,8 @@ from typing import Any
 import pytest
 
 from tasks.serve import invocations_payload, predict_files, wait_until_ready
-from tests.conftest import BIN, write_yaml
+from tests.conftest import BIN, free_port, write_yaml
 from tests.container.conftest import PARAMS, QUIET_ENV, docker, run_args, workspace
-from tests.pipeline.test_prefect_server import _free_port
 from tests.serving.test_serving import assert_client_error, b64, png
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
@@ -116,7 +115,7 @@ def test_champion_served_from_a_container(host_run, container_run, image: str, m
     """The champion served by a read-only container with a bearer token from its run-time env:
     /health open, a batch of 3 = the host champion's predictions, a malformed payload -> 400,
     Docker's HEALTHCHECK healthy; the token in no image layer, config, log or workspace file."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     ws = container_run["ws"]
     token = f"planted-{secrets.token_hex(16)}"

@@ -8,7 +8,6 @@ import io
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.conftest import BIN, REPO, TINY_PARAMS, write_yaml
+from tests.conftest import BIN, REPO, TINY_PARAMS, free_port, write_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +44,6 @@ def _project(path: Path, params: dict | None = None) -> Path:
     return path
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---------------------------------------------------------------- A: user errors inside the flow
 
 
@@ -72,7 +65,7 @@ def test_unreachable_tracking_store_is_one_line_naming_the_uri(tmp_path: Path) -
     bad_sqlite = f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"
     line = _one_error_line(_cli(["runs"], project, MLFLOW_TRACKING_URI=bad_sqlite))
     assert bad_sqlite in line and "cannot be opened" in line
-    server = f"http://127.0.0.1:{_closed_port()}"
+    server = f"http://127.0.0.1:{free_port()}"
     line = _one_error_line(_cli(["runs"], project, MLFLOW_TRACKING_URI=server))
     assert server in line and "no answer" in line
     proc = _cli(["run"], project, MLFLOW_TRACKING_URI=bad_sqlite)

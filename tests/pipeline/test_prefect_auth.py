@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline.test_prefect_server import BIN, START_TIMEOUT_S, _free_port, _healthy, _start, _stop, _tail
+from tests.conftest import free_port
+from tests.pipeline.test_prefect_server import BIN, START_TIMEOUT_S, _healthy, _start, _stop, _tail
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,7 @@ def _prefect(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
 
 def test_prefect_api_refuses_clients_without_the_auth_string(tmp_path: Path) -> None:
     secret = f"pipeline:{secrets.token_hex(12)}"
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_AUTH")}
     env = {**base, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": api,

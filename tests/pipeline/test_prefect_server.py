@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,19 +18,13 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 NAME = "digits-transfer"
 START_TIMEOUT_S = 120
 STAGES = ("pretrain", "finetune", "evaluate")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path, chars: int = 4000) -> str:
@@ -70,7 +63,7 @@ def _healthy(api_url: str) -> bool:
 @pytest.fixture
 def prefect_server(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A real Prefect server on a free loopback port; yields the env for its clients."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
@@ -222,4 +215,4 @@ def test_a_kept_server_is_found_without_configuration(prefect_server: dict[str, 
         return proc.stdout.strip()
 
     assert lookup(port) == f"{url} {url}"
-    assert lookup(str(_free_port())) == "None None"
+    assert lookup(str(free_port())) == "None None"

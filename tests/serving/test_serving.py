@@ -45,7 +45,7 @@ from tasks.serve import (
     serve_env,
     wait_until_ready,
 )
-from tests.conftest import mlflow_uris
+from tests.conftest import free_port, mlflow_uris
 from transfer.errors import DataError, TransferError
 from transfer.models import create_model, save_model_dir
 from transfer.predict import InputError, Predictor
@@ -256,12 +256,6 @@ def test_wait_until_ready_times_out() -> None:
 
 
 # --- the real scoring server -----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def post(url: str, body: dict | bytes) -> tuple[int, str]:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import BIN, REPO, TINY_PARAMS, init_workspace
-from tests.pipeline.test_prefect_server import _free_port, _healthy, _start, _stop, _tail
+from tests.conftest import BIN, REPO, TINY_PARAMS, free_port, init_workspace
+from tests.pipeline.test_prefect_server import _healthy, _start, _stop, _tail
 
 START_TIMEOUT_S = 300  # MLflow's auth app on a busy 2-core machine: 80 s and more
 PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/local/bin", "/usr/bin")
@@ -116,7 +116,7 @@ def postgres_cluster(databases: tuple[str, ...]) -> Iterator[Postgres]:
     root = Path(tempfile.mkdtemp(prefix="topology-pg-"))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
-    pg = Postgres(root=root, port=_free_port(), password=secrets.token_hex(16))
+    pg = Postgres(root=root, port=free_port(), password=secrets.token_hex(16))
     data, socket_dir, pwfile = root / "data", root / "socket", root / "pwfile"
     _as_owner(["mkdir", "-p", str(socket_dir)])
     _as_owner(["sh", "-c", f"umask 077; printf %s {pg.password} > {pwfile}"])
@@ -196,7 +196,7 @@ def mlflow_server(backend_uri: str, auth_db_uri: str, workdir: Path, wait: bool 
     ``workdir/artifacts``; a ``pipeline`` user is created through the admin API once it is
     up (``wait=False``: yields at once, call ``server.wait_ready()`` before use)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     admin = ("admin", secrets.token_urlsafe(18))
     server = MlflowServer(url=f"http://127.0.0.1:{port}", admin=admin,
                           pipeline=(PIPELINE_USER, secrets.token_urlsafe(18)),
@@ -259,7 +259,7 @@ def prefect_server(database_url: str, workdir: Path, wait: bool = True) -> Itera
     """`prefect server start` on ``database_url`` (postgresql+asyncpg://) with basic auth
     (``wait=False``: yields at once, call ``server.wait_ready()`` before use)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     server = PrefectServer(api_url=f"http://127.0.0.1:{port}/api",
                            auth_string=f"pipeline:{secrets.token_urlsafe(18)}",
                            log=workdir / "prefect.log", home=workdir / "home")

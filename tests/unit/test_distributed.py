@@ -4,7 +4,6 @@ training, in memory and over a memory-mapped split."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import free_port
 from transfer import distributed
 from transfer.errors import TransferError
 
 HERE = Path(__file__).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -40,7 +34,7 @@ def test_two_cpu_processes_match_single_process(tmp_path: Path) -> None:
     # the multi-node form of the command (c10d rendezvous; one node here): on N machines the
     # same line with --nnodes N and this node's address as the endpoint (docs/scaling.md)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "test",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "test",
            str(HERE / "ddp_worker.py"), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
