@@ -1,6 +1,9 @@
 """Container figures: image size, build times, container start, one stage in a container vs
-on the host, and the ephemeral host pipeline run (the Docker work-pool figure comes from
-``tests/container/test_docker_work_pool.py``, which prints its wall time).
+on the host, and the pipeline through the Prefect Docker work pool against the same pipeline
+on the host with Prefect's temporary API. The work-pool run is
+``tests/container/test_docker_work_pool.py`` itself (Prefect server, ``docker`` pool, worker,
+pretrain -> finetune -> evaluate each a flow run in its own container; it prints its wall time,
+read here); the host run is ``transfer run`` on the same params (the suite's tiny params).
 
 Needs a Docker engine (``docker info``) and the local base image; pip's loopback mirror
 args as for the tests (``../shared/containers/engine.sh``'s ``ctr_pip_mirror_start``) are
@@ -28,12 +31,10 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))  # the work-pool test's params (tests/container/conftest.py)
 # One stage long enough that start-up is not all of it, short enough for 2 cores.
 STAGE_PARAMS = ["data.image_size=16", "data.source.n=1000", "pretrain.arch=small_cnn",
                 "pretrain.epochs=4", "pretrain.batch_size=64", "runtime.device=cpu"]
-TINY_RUN = [*STAGE_PARAMS[:3], "pretrain.epochs=4", "data.target.test_size=300", "validate.min_per_class=3",
-            "finetune.strategy=full", "finetune.labels_per_class=5", "finetune.epochs=6", "finetune.seeds=2",
-            "promote.accuracy_floor=0.0", "promote.min_delta=0.0", "runtime.device=cpu"]
 QUIET = {"TQDM_DISABLE": "1", "GX_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
          "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
@@ -88,13 +89,29 @@ def stage_vs_host(image: str, repeats: int) -> dict[str, list[float]]:
 
 
 def host_pipeline(repeats: int) -> list[float]:
-    """``transfer run`` (one flow, Prefect's temporary API, sqlite MLflow) with the tiny params."""
-    sets = [a for p in TINY_RUN for a in ("--set", p)]
+    """``transfer run`` (one flow, Prefect's temporary API, sqlite MLflow) on the work-pool
+    test's params, in a fresh directory each time."""
+    from tests.conftest import write_yaml
+    from tests.container.conftest import PARAMS
+
     out = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="run-") as tmp:
-            out.append(timed([str(BIN / "transfer"), "run", *sets], cwd=tmp, env={**os.environ, **QUIET}))
+            params = {**PARAMS, "data": {**PARAMS["data"], "root": f"{tmp}/data"}}
+            write_yaml(Path(tmp) / "params.yaml", params)
+            out.append(timed([str(BIN / "transfer"), "run", "--params", "params.yaml"], cwd=tmp,
+                             env={**os.environ, **QUIET}))
     return out
+
+
+def pool_pipeline() -> float:
+    """Wall time of the chained pipeline on the Docker work pool, as the work-pool test prints it."""
+    proc = subprocess.run([str(BIN / "pytest"), "tests/container/test_docker_work_pool.py", "-q", "-s",
+                           "-p", "no:cacheprovider"], cwd=REPO, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("work-pool chained pipeline:")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"the work-pool test failed:\n{proc.stdout[-3000:]}")
+    return float(lines[-1].split(":")[1].split()[0])
 
 
 def main() -> None:
@@ -103,7 +120,8 @@ def main() -> None:
     parser.add_argument("--base", default="local/debian-py:bookworm")
     parser.add_argument("--cold", action="store_true", help="also time a --no-cache build")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-pipeline", action="store_true", help="skip the host pipeline run")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the host and work-pool pipeline runs")
+    parser.add_argument("--pool-repeats", type=int, default=1, help="work-pool runs (each ~3 min on 2 cores)")
     parser.add_argument("build_args", nargs="*", help="after --: extra docker build args")
     args = parser.parse_args()
     extra = args.build_args
@@ -125,7 +143,10 @@ def main() -> None:
     result["stage_pretrain_s"] = stage
     result["stage_ratio_median"] = statistics.median(stage["container"]) / statistics.median(stage["host"])
     if not args.no_pipeline:
-        result["host_pipeline_ephemeral_s"] = host_pipeline(1)
+        result["host_pipeline_ephemeral_s"] = host_pipeline(args.repeats)
+        result["pool_pipeline_s"] = [pool_pipeline() for _ in range(args.pool_repeats)]
+        result["pool_over_host_median"] = (statistics.median(result["pool_pipeline_s"])
+                                           / statistics.median(result["host_pipeline_ephemeral_s"]))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "containers.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

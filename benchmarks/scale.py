@@ -176,14 +176,29 @@ def run_phase(name: str, work: Path, images: Path, arch: str, size: int, weights
 # --------------------------------------------------------------------------- driver
 
 
+def median_of(runs: list[dict]) -> dict:
+    """One row per phase: the median run's figures, with every run's time and peak RSS."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    row = dict(ordered[len(ordered) // 2])
+    row.update(repeats=len(runs), per_image_ms_runs=[r["per_image_ms"] for r in runs],
+               peak_rss_mb=max(r["peak_rss_mb"] for r in runs))
+    return row
+
+
 def bench_size(n: int, scratch: Path, arch: str = "small_cnn", size: int = 64,
-               weights: Path | None = None, phases: tuple[str, ...] = ("prepare", "validate", "decode", "epoch", "plain")) -> list[dict]:
+               weights: Path | None = None, phases: tuple[str, ...] = ("prepare", "validate", "decode", "epoch", "plain"),
+               repeats: int = 1) -> list[dict]:
+    """Every phase once, then the two training epochs (ours, plain) ``repeats`` times in all,
+    alternately, so the throughput ratio is not one draw of a noisy machine."""
     work = scratch / f"{arch}-{n}"
     images = generate(work / "images", n, 64 if weights is None else 256)
     print(f"N = {n} ({arch}, {size} px)", flush=True)
-    out = [{**run_phase(p, work, images, arch, size, weights), "arch": arch, "size": size} for p in phases]
+    runs: dict[str, list[dict]] = {p: [run_phase(p, work, images, arch, size, weights)] for p in phases}
+    for _ in range(repeats - 1):
+        for p in ("plain", "epoch"):
+            runs[p].append(run_phase(p, work, images, arch, size, weights))
     shutil.rmtree(work, ignore_errors=True)
-    return out
+    return [{**median_of(runs[p]), "arch": arch, "size": size, "dataset_n": n} for p in phases]
 
 
 def resnet_weights(folder: Path) -> Path:
@@ -195,14 +210,40 @@ def resnet_weights(folder: Path) -> Path:
     return path
 
 
+def _earlier() -> dict:
+    path = RESULTS / "scale.json"
+    return json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
+
+
+def kept_rows(sizes: list[int], resnet_n: int) -> list[dict]:
+    """``--keep``: the earlier run's rows for the sizes (and resnet run) not measured now."""
+    def remeasured(r: dict) -> bool:
+        return (r["arch"] == "small_cnn" and r.get("dataset_n", r["n"]) in sizes) or (r["arch"] != "small_cnn" and resnet_n)
+
+    return [r for r in _earlier()["rows"] if not remeasured(r)]
+
+
+def kept_meta() -> dict:
+    meta = _earlier()["meta"]
+    return {k: meta.get(k) for k in ("load_before", "load_after", "seconds", "sizes", "resnet_n", "repeats")}
+
+
+def row_order(r: dict) -> tuple:
+    return (r["arch"] != "small_cnn", r.get("dataset_n", r["n"]),
+            ["prepare", "validate", "decode", "epoch", "plain"].index(r["phase"]))
+
+
 def write_results(rows: list[dict], meta: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"Machine: {meta['machine']}; load average before {meta['load_before']}, after {meta['load_after']}; "
              f"total {meta['seconds']:.0f} s.", "",
-             "| arch | px | phase | N | ms / image | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+             "| arch | px | phase | dataset N | images timed | ms / image (median) | runs (ms / image) | peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['arch']} | {r['size']} | {r['phase']} | {r['n']} | {r['per_image_ms']:.3f} | {r['peak_rss_mb']:.0f} |")
+        spread = ", ".join(f"{v:.3f}" for v in r.get("per_image_ms_runs", [r["per_image_ms"]]))
+        lines.append(f"| {r['arch']} | {r['size']} | {r['phase']} | {r.get('dataset_n', r['n'])} | {r['n']} | "
+                     f"{r['per_image_ms']:.3f} | {spread} | {r['peak_rss_mb']:.0f} |")
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
     plot(rows)
 
@@ -239,6 +280,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--resnet-n", type=int, default=256, help="images for the resnet18 224 px run (0: skip)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="training epochs (ours and plain, alternately) per size; medians reported")
+    parser.add_argument("--repeats-max-n", type=int, default=10000,
+                        help="sizes above this run each epoch once (a 100k epoch takes minutes on 2 cores)")
+    parser.add_argument("--keep", action="store_true",
+                        help="merge into the existing results: rows of other sizes stay")
     parser.add_argument("--phase")
     parser.add_argument("--work", type=Path)
     parser.add_argument("--images", type=Path)
@@ -251,6 +298,7 @@ def main() -> None:
         return
     started, load_before = time.perf_counter(), [round(v, 2) for v in os.getloadavg()]
     rows: list[dict] = []
+    kept = kept_rows(args.sizes, args.resnet_n) if args.keep else []
 
     def save() -> None:  # after every size: an interrupted run keeps what it measured
         import torch
@@ -258,17 +306,20 @@ def main() -> None:
         meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, "
                            f"torch {torch.__version__}",
                 "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
-                "seconds": time.perf_counter() - started, "sizes": args.sizes, "resnet_n": args.resnet_n}
-        write_results(rows, meta)
+                "seconds": time.perf_counter() - started, "sizes": args.sizes, "resnet_n": args.resnet_n,
+                "repeats": args.repeats, "repeats_max_n": args.repeats_max_n}
+        if kept:
+            meta["kept_from_earlier_run"] = kept_meta()
+        write_results(sorted(kept + rows, key=row_order), meta)
 
     with tempfile.TemporaryDirectory(prefix="scale-", dir=os.environ.get("SCALE_TMP")) as scratch:
         for n in args.sizes:
-            rows += bench_size(n, Path(scratch))
+            rows += bench_size(n, Path(scratch), repeats=args.repeats if n <= args.repeats_max_n else 1)
             save()
         if args.resnet_n:
             weights = resnet_weights(Path(scratch))
             rows += bench_size(args.resnet_n, Path(scratch), "resnet18", 224, weights,
-                               ("prepare", "decode", "epoch", "plain"))
+                               ("prepare", "decode", "epoch", "plain"), repeats=args.repeats)
             save()
     print((RESULTS / "scale.md").read_text())
 
