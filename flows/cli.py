@@ -73,6 +73,9 @@ def run(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) 
     """Run the whole Prefect flow: data -> validate -> pretrain -> fine-tune -> evaluate -> promote."""
     params = _params(params_file, overrides)  # bad keys fail here, before anything starts
     from flows.pipeline import transfer_pipeline
+    from transfer.stages import resolve_strategy
+
+    resolve_strategy(params)  # and an unknown finetune.strategy (checked by the registry, not config)
     from flows.prefect_api import running_prefect_api
     from tasks import tracking
     from tasks.common import quiet_user_errors_on_console

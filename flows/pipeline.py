@@ -22,6 +22,7 @@ from tasks.promote import promote_task
 from tasks.train import finetune_task, pretrain_task, scratch_task
 from tasks.validate_gate import validate_gate_task
 from transfer.config import Params, load_params
+from transfer.stages import resolve_strategy
 
 
 @flow(name="transfer-pipeline", log_prints=True)
@@ -31,6 +32,7 @@ def transfer_pipeline(
     """Run every stage; the champion alias moves only if all promotion gates pass."""
     configure_runtime()  # the process settings, for a worker that imported this flow
     params = params or load_params(params_file, overrides or [])
+    resolve_strategy(params)  # an unknown finetune.strategy fails now, not after pretraining
     run_id = start_pipeline_run(params)
     report_dir = str(Path(params.runtime.artifacts_dir) / "validation" / run_id)
     try:

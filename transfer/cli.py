@@ -112,7 +112,7 @@ def finetune(
     params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
     source: Annotated[Path, typer.Option(help="source model dir")] = Path("models/source/source_model"),
     out: Annotated[Path, typer.Option(help="output dir (model/ + checkpoints/)")] = Path("models/finetune"),
-    strategy: Annotated[str | None, typer.Option(help="override finetune.strategy")] = None,
+    strategy: Annotated[str | None, typer.Option(help="override finetune.strategy (`transfer strategies` lists them)")] = None,
 ) -> None:
     """Fine-tune the source model on the target's k labels per class."""
     from transfer import stages
@@ -121,6 +121,19 @@ def finetune(
     trained = stages.finetune(params, source, out, strategy=strategy)
     _write_json(out / "history.json", trained.history)
     console.print(escape(f"fine-tuned ({trained.strategy}: {trained.info['reason']}) -> {trained.model_dir}"))
+
+
+@app.command()
+def strategies() -> None:
+    """List the fine-tuning strategies finetune.strategy can name (plus auto)."""
+    from transfer.strategies import AUTO, get_strategy, strategy_names
+
+    table = Table("strategy", "trains", "reads")
+    table.add_row(AUTO, "picks head / last_k / the auto_above strategy from labels per class", "")
+    for name in strategy_names():
+        entry = get_strategy(name)
+        table.add_row(name, escape(entry.description), "source data too" if entry.needs_source_data else "")
+    Console(width=max(console.width, 120)).print(table)
 
 
 @app.command()

@@ -138,13 +138,10 @@ class PretrainParams(OptimParams):
     lr: float = Field(2e-3, gt=0)
 
 
-Strategy = Literal[
-    "head", "last_k", "full", "gradual", "auto", "l2sp", "distill", "progressive", "multitask", "dann"
-]
-
-
 class FinetuneParams(OptimParams):
-    strategy: Strategy = "auto"
+    # checked against transfer/strategies/ where it is used (stages.resolve_strategy): importing
+    # that registry here would make every stage that reads params depend on the training code
+    strategy: str = Field("auto", description="auto, or a registered strategy (`transfer strategies` lists them)")
     labels_per_class: int = Field(5, ge=1, description="k labelled target images per class")
     last_k: int = Field(1, ge=1, description="blocks to unfreeze for strategy=last_k")
     body_lr_mult: float = Field(0.1, gt=0, le=1, description="body LR = lr * this (full)")

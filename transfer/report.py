@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +49,7 @@ from transfer.checks import dataset_summary, transfer_sense_checks  # noqa: F401
 from transfer import fingerprint, plots, templating
 from transfer.plots import plot_sample_efficiency  # noqa: F401  (re-exported: the report's API)
 from transfer.stats import format_p
-from transfer.config import Params, Strategy
+from transfer.config import Params
 from transfer.errors import TransferError
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,9 @@ def _accuracy_on(model_dir: Path, splits: Mapping[str, Any], device: Any) -> dic
 
 
 def _check_strategies(strategies: Sequence[str]) -> list[str]:
-    known = set(get_args(Strategy)) | {SCRATCH}
+    from transfer.strategies import AUTO, strategy_names
+
+    known = {AUTO, *strategy_names(), SCRATCH}
     unknown = [s for s in strategies if s not in known]
     if unknown:
         raise TransferError(f"unknown strategies {unknown}; known: {', '.join(sorted(known))}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,11 @@ from transfer.models import (
 )
 from transfer.plots import plot_confusion_matrix, plot_learning_curves, plot_reliability
 from transfer.preprocessing import Preprocessing
-from transfer.feature_cache import FeatureCache, train_head_cached
-from transfer.techniques.gradual import GradualUnfreezing
+from transfer.strategies import AUTO, StrategyContext, get_strategy
+from transfer.strategies.dann import unlabelled_target as dann_unlabelled_target
 from transfer.train import fit, predict_proba, runtime_device, seed_everything
 
 log = logging.getLogger(__name__)
-
-FREEZE_STRATEGIES = {"head", "last_k", "full", "gradual"}
 
 
 @dataclass
@@ -83,6 +81,11 @@ def _load(params: Params, name: str, split: str, prep: Preprocessing | None = No
     return load_split(dataset_dirs(params)[name], split, prep.image_size, prep.channels,
                       resize_ratio=prep.resize_ratio, storage=data.split_storage,
                       memory_mb=data.in_memory_max_mb)
+
+
+def _loader(params: Params, prep: Preprocessing | None) -> Callable[[str, str], ImageTensors]:
+    """``(dataset, split) -> tensors`` with ``prep``: how a strategy reads more than its splits."""
+    return lambda name, split: _load(params, name, split, prep)
 
 
 def target_splits(params: Params, prep: Preprocessing | None = None) -> dict[str, ImageTensors]:
@@ -182,16 +185,10 @@ def pretrain(params: Params, out_dir: str | Path, *, progress: bool = True) -> T
 def resolve_strategy(params: Params) -> tuple[str, str]:
     """The strategy to run and why (``auto`` decides from labels per class)."""
     ft = params.finetune
-    if ft.strategy != "auto":
+    if ft.strategy != AUTO:
+        get_strategy(ft.strategy)  # an unknown name: one line naming the registered ones
         return ft.strategy, f"strategy={ft.strategy} set in params"
     return freezing.choose_strategy(ft.labels_per_class, ft.auto_head_max, ft.auto_last_k_max, ft.auto_above)
-
-
-def _freeze_and_groups(model: TransferNet, strategy: str, params: Params) -> list[dict]:
-    ft = params.finetune
-    freezing.apply_freeze(model, "head" if strategy == "gradual" else strategy, last_k=ft.last_k)
-    body_mult = ft.body_lr_mult if strategy == "full" else 1.0
-    return freezing.param_groups(model, ft.lr, body_lr_mult=body_mult, layer_decay=ft.layer_decay)
 
 
 def finetune(
@@ -202,32 +199,22 @@ def finetune(
     strategy: str | None = None,
     progress: bool = True,
 ) -> TrainedModel:
-    """Re-use the source body, re-initialise the head, train with the chosen freeze strategy."""
-    chosen, reason = (strategy, "requested") if strategy else resolve_strategy(params)
+    """Re-use the source body, train it on the target with the chosen strategy
+    (``transfer/strategies/``: each one re-initialises the head its own way)."""
+    chosen, reason = (strategy, "requested") if strategy and strategy != AUTO else resolve_strategy(params)
+    run = get_strategy(chosen).run  # an unknown name fails before any data is read
     out = Path(out_dir)
     _, source_meta = load_model_dir(source_model_dir)  # validates the dir: a clear error if broken
     prep = model_preprocessing(params, source_meta)  # the body's input: the source's preprocessing
     splits = target_splits(params, prep)
     device = runtime_device(params.runtime)
+    target_version = dataset_version(dataset_dirs(params)["target"])
     ft = params.finetune
-    if chosen == "head" and ft.feature_cache:
-        model, history, seconds = _head_on_cached_features(params, source_model_dir, splits, device)
-    elif chosen in FREEZE_STRATEGIES:
-        model, _ = load_model_dir(source_model_dir)
-        seed_everything(params.runtime.seed)  # the new head's init is part of the result
-        model.reset_classifier(len(splits["train"].classes))
-        groups = _freeze_and_groups(model, chosen, params)
-        callbacks = [GradualUnfreezing(ft.unfreeze_every, ft.lr, ft.layer_decay)] if chosen == "gradual" else []
-        result = fit(
-            model, splits["train"], splits["val"], ft, device=device, seed=params.runtime.seed,
-            param_groups=groups, callbacks=callbacks, checkpoint_dir=out / "checkpoints", distributed_data_parallel=params.runtime.distributed,
-            progress=progress, desc=f"finetune ({chosen})", loader_workers=params.data.loader_workers,
-        )
-        history, seconds = _history(result), result.seconds
-    elif chosen == "dann":
-        model, history, seconds = _run_dann(params, source_model_dir, splits, device, progress, prep)
-    else:
-        model, history, seconds = _run_technique(chosen, source_model_dir, splits, params, device, progress)
+    result = run(StrategyContext(
+        chosen, params, Path(source_model_dir), splits, prep, device, out, progress, target_version,
+        _loader(params, prep),
+    ))
+    model = result.model
     log.info("fine-tuned with strategy=%s (%s)", chosen, reason)
     selection = select_on_validation(model, splits["val"], params, device)
     meta = _model_meta(
@@ -235,76 +222,18 @@ def finetune(
         labels_per_class=ft.labels_per_class, source_model=source_meta, seed=params.runtime.seed,
         temperature=selection["temperature"], selection=selection,
         source_weights_sha256=source_meta.get("weights_sha256"),
-        target_data_version=dataset_version(dataset_dirs(params)["target"]),
+        target_data_version=target_version,
         trainable=freezing.trainable_summary(model) if isinstance(model, TransferNet) else {},
     )
     model_dir = out / "model"
-    _save_any(model, model_dir, meta)
-    return TrainedModel(str(model_dir), "finetune", chosen, history, seconds, {"reason": reason, **selection})
-
-
-def _head_on_cached_features(
-    params: Params, source_model_dir: str | Path, splits: dict[str, ImageTensors], device: torch.device,
-) -> tuple[TransferNet, list[dict[str, Any]], float]:
-    """Frozen body: compute its features once per dataset version, train only the head on them.
-
-    Same result as ``fit`` through the frozen body without augmentation (the body is
-    deterministic in eval mode), at a fraction of the cost per epoch.
-    """
-    model, _ = load_model_dir(source_model_dir)
-    seed_everything(params.runtime.seed)
-    model.reset_classifier(len(splits["train"].classes))
-    freezing.apply_freeze(model, "head")
-    cache = FeatureCache(Path(params.data.root) / ".cache" / "features")
-    started = time.perf_counter()
-    history = train_head_cached(
-        model, splits["train"], splits["val"], params.finetune, cache,
-        dataset_version(dataset_dirs(params)["target"]), params.runtime.seed, device,
-    )
-    return model, history, time.perf_counter() - started
+    _save_any(model, model_dir, {**meta, **result.meta})
+    return TrainedModel(str(model_dir), "finetune", chosen, result.history, result.seconds,
+                        {"reason": reason, **selection})
 
 
 def unlabelled_target(params: Params, prep: Preprocessing | None = None) -> ImageTensors:
-    """Target images for domain adaptation, labels dropped: the ``unlabelled`` split when the
-    dataset has one, else the whole target train pool (DANN never sees a target label)."""
-    try:
-        pool = _load(params, "target", "unlabelled", prep)
-    except TransferError:
-        pool = None
-    if pool is None or len(pool) == 0:
-        pool = _load(params, "target", "train", prep)
-    return ImageTensors(pool.images, torch.full_like(pool.labels, -1), pool.classes)
-
-
-def _run_dann(
-    params: Params, source_model_dir: str | Path, splits: dict[str, ImageTensors], device: torch.device,
-    progress: bool, prep: Preprocessing | None = None,
-) -> tuple[TransferNet, list[dict[str, Any]], float]:
-    """Domain-adversarial training: labelled source + unlabelled target (Ganin & Lempitsky)."""
-    from transfer.techniques.dann import run_dann
-
-    source, _ = load_model_dir(source_model_dir)
-    started = time.perf_counter()
-    model, history = run_dann(
-        source, _load(params, "source", "train", prep), unlabelled_target(params, prep), splits["val"],
-        params.finetune, device, params.runtime.seed, progress,
-    )
-    return model, history, time.perf_counter() - started
-
-
-def _run_technique(
-    name: str, source_model_dir: str | Path, splits: dict[str, ImageTensors], params: Params,
-    device: torch.device, progress: bool,
-) -> tuple[TransferNet, list[dict[str, Any]], float]:
-    """Strategies beyond freezing (L2-SP, distillation, progressive nets, multitask)."""
-    from transfer.techniques import run_technique
-
-    source, _ = load_model_dir(source_model_dir)
-    started = time.perf_counter()
-    model, history = run_technique(
-        name, source, splits["train"], splits["val"], params.finetune, device, params.runtime.seed, progress
-    )
-    return model, history, time.perf_counter() - started
+    """Target images for domain adaptation, labels dropped (see :func:`transfer.strategies.dann.unlabelled_target`)."""
+    return dann_unlabelled_target(_loader(params, prep))
 
 
 def _save_on_main(model: torch.nn.Module, model_dir: Path, meta: dict[str, Any]) -> None:
@@ -315,14 +244,8 @@ def _save_on_main(model: torch.nn.Module, model_dir: Path, meta: dict[str, Any])
 
 
 def _save_any(model: torch.nn.Module, model_dir: Path, meta: dict[str, Any]) -> None:
-    """TransferNet, or a progressive net (rebuilt from its source column's arch on load)."""
-    from transfer.techniques.progressive import ProgressiveNet
-
-    if isinstance(model, ProgressiveNet):
-        source = model.source
-        model.arch, model.in_channels = source.arch, source.in_channels
-        meta = {**meta, "technique": "progressive", "num_source_classes": source.num_classes}
-    elif not isinstance(model, TransferNet):
+    """A TransferNet, or another model whose strategy named its loader (``meta["technique"]``)."""
+    if not isinstance(model, TransferNet) and "technique" not in meta:
         raise TransferError(f"strategy {meta.get('strategy')} produced a {type(model).__name__}, which cannot be exported")
     _save_on_main(model, model_dir, meta)
 

@@ -114,6 +114,14 @@ def test_path_for_a_kind_without_one_or_missing_is_an_error(tmp_path: Path) -> N
     assert not (project / "data").exists()
 
 
+def test_an_unknown_strategy_stops_the_run_before_anything_starts(tmp_path: Path) -> None:
+    """config takes any name; the strategy registry rejects it before data, Prefect or MLflow."""
+    project = _project(tmp_path / "p")
+    line = _one_error_line(_cli(["run", "--set", "finetune.strategy=magic"], project))
+    assert line.startswith("error: unknown finetune.strategy 'magic'; known: auto, ") and "gradual" in line
+    assert [p.name for p in project.iterdir()] == ["params.yaml"]
+
+
 def test_yaml_syntax_error_is_one_line_with_line_and_column(tmp_path: Path) -> None:
     project = tmp_path / "p"
     project.mkdir()

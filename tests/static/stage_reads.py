@@ -18,14 +18,15 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import yaml
 
 from transfer import config
+from transfer.strategies import AUTO, strategy_names
 
 # extra runs of a stage: `--set` overrides, one run each, reads pooled with the plain run's
-VARIANTS = {"finetune": [[f"finetune.strategy={s}"] for s in get_args(config.Strategy)]}
+VARIANTS = {"finetune": [[f"finetune.strategy={s}"] for s in [AUTO, *strategy_names()]]}
 DUMPS = {"model_dump", "model_dump_json", "dump"}  # read every field at once
 
 

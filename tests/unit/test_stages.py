@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfer import stages
+from transfer import freezing, stages
 from transfer.config import params_from_dict
 from transfer.errors import TransferError
 from transfer.models import load_model_dir
-from transfer.train import predict_proba
+from transfer.strategies import (
+    StrategyContext, StrategyResult, register_strategy, strategy_names, unregister_strategy,
+)
+from transfer.train import fit, predict_proba
 
 
 def _accuracy_of(model_dir: Path, params, dataset: str) -> float:
@@ -48,7 +51,7 @@ def test_pretrain_records_provenance(tiny) -> None:
     assert source.info["source_test_accuracy"] == pytest.approx(recomputed) == meta["source_test_accuracy"]
 
 
-@pytest.mark.parametrize("strategy", ["head", "last_k", "full", "gradual", "l2sp", "distill", "progressive", "multitask", "dann"])
+@pytest.mark.parametrize("strategy", strategy_names())
 def test_every_strategy_exports_a_loadable_model(tiny, strategy: str) -> None:
     params, source, root = tiny
     trained = stages.finetune(params, source.model_dir, root / strategy, strategy=strategy, progress=False)
@@ -69,6 +72,40 @@ def test_head_on_cached_features_leaves_body_untouched(tiny) -> None:
     for (name, a), b in zip(before.body.state_dict().items(), after.body.state_dict().values()):
         assert torch.equal(a, b), name
     assert list((Path(params.data.root) / ".cache" / "features").glob("*.pt"))
+
+
+@pytest.fixture
+def toy_strategy():
+    """A strategy from outside transfer/: one function, registered here, gone after the test."""
+
+    @register_strategy("toy_head", description="the new head alone, one epoch of plain fit")
+    def toy_head(ctx: StrategyContext) -> StrategyResult:
+        model = ctx.source_model()
+        model.reset_classifier(len(ctx.splits["train"].classes))
+        freezing.apply_freeze(model, "head")
+        one_epoch = ctx.params.finetune.model_copy(update={"epochs": 1})
+        result = fit(model, ctx.splits["train"], ctx.splits["val"], one_epoch, device=ctx.device,
+                     seed=ctx.params.runtime.seed, progress=False)
+        return StrategyResult.of_fit(model, result)
+
+    yield "toy_head"
+    unregister_strategy("toy_head")
+
+
+def test_a_new_strategy_is_one_function(tiny, toy_strategy: str) -> None:
+    params, source, root = tiny
+    p = params.model_copy(deep=True)
+    p.finetune.strategy = toy_strategy  # named in params, like any built-in one
+    trained = stages.finetune(p, source.model_dir, root / toy_strategy, progress=False)
+    assert trained.strategy == toy_strategy and trained.info["reason"] == f"strategy={toy_strategy} set in params"
+    assert len(trained.history) == 1 and trained.info["val_accuracy"] is not None
+    before, _ = load_model_dir(source.model_dir)
+    after, meta = load_model_dir(trained.model_dir)
+    assert meta["strategy"] == toy_strategy and meta["trainable"]["frozen_blocks"] == before.block_names
+    body_before, body_after = before.body.state_dict().values(), after.body.state_dict().values()
+    assert all(torch.equal(a, b) for a, b in zip(body_before, body_after, strict=True))
+    report = stages.evaluate(p, trained.model_dir, root / "eval-toy", name=toy_strategy, plots=False)
+    assert report["accuracy"] == pytest.approx(_accuracy_of(Path(trained.model_dir), p, "target"))
 
 
 def test_auto_strategy_explains_itself(tiny) -> None:

@@ -7,17 +7,12 @@ smaller learning rate: ``lr * layer_decay ** depth`` (depth 1 = the top block).
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 import torch
 from torch import nn
 
 from transfer import freezing
-from transfer.config import FinetuneParams
-from transfer.data import ImageTensors
 from transfer.errors import TransferError
-from transfer.train import Callback, fit, seed_everything
+from transfer.train import Callback
 
 
 def blocks_unfrozen_at(epoch: int, every_n_epochs: int, n_blocks: int) -> int:
@@ -82,26 +77,3 @@ class GradualUnfreezing(Callback):
         optimizer.add_param_group(
             {"params": params, "lr": initial * schedule, "initial_lr": initial, "name": name}
         )
-
-
-def run_gradual(
-    source_model: nn.Module,
-    train: ImageTensors,
-    val: ImageTensors | None,
-    params: FinetuneParams,
-    device: torch.device,
-    seed: int,
-    progress: bool = False,
-) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Head first, then one more block every ``params.unfreeze_every`` epochs."""
-    seed_everything(seed)  # the new head's init depends on the seed only
-    model = copy.deepcopy(source_model)
-    model.reset_classifier(train.num_classes)
-    freezing.apply_freeze(model, "head")
-    groups = freezing.param_groups(model, params.lr)
-    callback = GradualUnfreezing(params.unfreeze_every, params.lr, params.layer_decay)
-    result = fit(
-        model, train, val, params, device=device, seed=seed, param_groups=groups,
-        callbacks=[callback], progress=progress, desc="finetune (gradual)",
-    )
-    return model, [stats.as_dict() for stats in result.history]
