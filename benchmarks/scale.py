@@ -237,7 +237,12 @@ def write_results(rows: list[dict], meta: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"Machine: {meta['machine']}; load average before {meta['load_before']}, after {meta['load_after']}; "
-             f"total {meta['seconds']:.0f} s.", "",
+             f"total {meta['seconds']:.0f} s."]
+    if meta.get("kept_from_earlier_run"):
+        kept = meta["kept_from_earlier_run"]
+        lines.append(f"Rows of other sizes kept from an earlier run (`--keep`): sizes {kept['sizes']}, load average "
+                     f"before {kept['load_before']}, after {kept['load_after']}, {kept['repeats'] or 1} repeat(s).")
+    lines += ["",
              "| arch | px | phase | dataset N | images timed | ms / image (median) | runs (ms / image) | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -299,6 +304,7 @@ def main() -> None:
     started, load_before = time.perf_counter(), [round(v, 2) for v in os.getloadavg()]
     rows: list[dict] = []
     kept = kept_rows(args.sizes, args.resnet_n) if args.keep else []
+    earlier = kept_meta() if kept else None  # read now: every save() below rewrites the file
 
     def save() -> None:  # after every size: an interrupted run keeps what it measured
         import torch
@@ -308,8 +314,8 @@ def main() -> None:
                 "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
                 "seconds": time.perf_counter() - started, "sizes": args.sizes, "resnet_n": args.resnet_n,
                 "repeats": args.repeats, "repeats_max_n": args.repeats_max_n}
-        if kept:
-            meta["kept_from_earlier_run"] = kept_meta()
+        if earlier:
+            meta["kept_from_earlier_run"] = earlier
         write_results(sorted(kept + rows, key=row_order), meta)
 
     with tempfile.TemporaryDirectory(prefix="scale-", dir=os.environ.get("SCALE_TMP")) as scratch:

@@ -26,6 +26,7 @@ from transfer import fingerprint, stages
 from transfer.config import Params
 from transfer.errors import TransferError
 from transfer.models import load_model_dir
+from transfer.strategies import get_strategy
 
 
 def content_key(*parts: Any) -> str:
@@ -193,6 +194,8 @@ def _train_target(
         {"code_fingerprint": fingerprint.code_fingerprint(), "label_seed": params.data.seed,
          "calibration": params.evaluate.model_dump(mode="json", include={"calibrate", "calibration_bins"})},
     ]
+    if kind == "finetune" and get_strategy(strategy).needs_source_data:  # DANN trains on source images
+        inputs.append({"source_data_version": data["source"]["version"]})
     out = Path(params.runtime.artifacts_dir) / kind / content_key(*inputs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "inputs.json").write_text(json.dumps(inputs, indent=1, default=str))  # what keyed this dir

@@ -67,4 +67,5 @@ def test_two_containers_promote_one_at_a_time(
     assert all(d["serialised_by"].startswith(f"prefect concurrency limit {concurrency_limit_name(MODEL)}")
                for d in decisions), decisions
     # the containers wrote no MLflow store of their own: everything went to the server
-    assert not any(ws.rglob("mlflow.db") for ws in workspaces)
+    stores = [p for ws in workspaces for p in ws.rglob("mlflow.db")]
+    assert not stores, stores
