@@ -133,7 +133,9 @@ class PretrainParams(OptimParams):
     # (transfer/ranking.py; `transfer rank` shows the table)
     source: Literal["data", "auto"] = "data"
     candidates: list[str] = Field(default_factory=list, description="source candidates for rank/auto")
-    rank_estimator: Literal["logme", "leep", "nce", "h_score"] = "logme"
+    # "auto": LEEP when every candidate has a source head, else LogME (the two best audited
+    # records of benchmarks/transferability.py, which needs no head); README "Choosing the source"
+    rank_estimator: Literal["auto", "logme", "leep", "nce", "h_score"] = "auto"
     epochs: int = Field(6, ge=0)
     lr: float = Field(2e-3, gt=0)
 

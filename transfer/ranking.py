@@ -143,25 +143,47 @@ def _tied(a: float | None, b: float | None) -> bool:
     return a is not None and b is not None and abs(a - b) <= TIE_RTOL * max(abs(a), abs(b), 1e-12)
 
 
+# ``auto``: the best audited record (benchmarks/transferability.py: weighted tau against the
+# fine-tuned val accuracy, 4 sources x k in 1-20 x 3 seeds) is LEEP's; it needs every
+# candidate's source head, so without one the ranking falls back to LogME, the best of the
+# estimators that score features alone. One estimator ranks all rows: scores of two
+# estimators are not comparable.
+AUTO_PREFERRED, AUTO_HEADLESS = "leep", "logme"
+
+
+def resolve_estimator(rows: list[dict[str, Any]], estimator: str) -> tuple[str, str]:
+    """The estimator that ranks ``rows`` and, for ``auto``, why it was picked."""
+    if estimator != "auto":
+        return estimator, ""
+    headless = [r["name"] for r in rows if r.get(AUTO_PREFERRED) is None]
+    if not headless:
+        return AUTO_PREFERRED, f"auto: {AUTO_PREFERRED} (best audited record)"
+    return AUTO_HEADLESS, (f"auto: {AUTO_HEADLESS}, since {', '.join(headless)} has no source head "
+                           f"for {AUTO_PREFERRED}")
+
+
 def rank_rows(rows: list[dict[str, Any]], estimator: str) -> tuple[list[dict[str, Any]], str, list[str]]:
     """Rows best first (with ``rank``), the reason for the first and the ties at the top."""
-    if estimator not in ESTIMATORS:
-        raise TransferError(f"unknown estimator {estimator!r}; one of {', '.join(ESTIMATORS)}")
+    if estimator not in (*ESTIMATORS, "auto"):
+        raise TransferError(f"unknown estimator {estimator!r}; one of auto, {', '.join(ESTIMATORS)}")
     if not rows:
         raise TransferError("no source candidate to rank: set pretrain.candidates")
+    estimator, why = resolve_estimator(rows, estimator)
     ordered = sorted(rows, key=lambda r: _order_key(r, estimator))  # stable: listing order breaks full ties
     for i, row in enumerate(ordered, 1):
         row["rank"] = i
     best = ordered[0]
     if best[estimator] is None:
         raise TransferError(f"estimator {estimator} needs a source head that no candidate has: "
-                            "use pretrain.rank_estimator=logme or h_score")
+                            "use pretrain.rank_estimator=auto, logme or h_score")
     ties = [r["name"] for r in ordered[1:] if _tied(r[estimator], best[estimator])]
     runner = (f", next {ordered[1]['name']} {ordered[1][estimator]:.4g}"
               if len(ordered) > 1 and ordered[1][estimator] is not None else "")
     reason = f"{best['name']} ranked first of {len(ordered)} by {estimator} = {best[estimator]:.4g}{runner}"
     if ties:
         reason += f"; tied with {', '.join(ties)}: broken by the other estimators, then listing order"
+    if why:
+        reason += f" ({why})"
     return ordered, reason, ties
 
 
@@ -192,5 +214,6 @@ def rank_candidates(candidates: list[Candidate], train: ImageTensors, cache: Fea
             candidate.name = f"{candidate.name} ({candidate.origin})"
     rows = [score_candidate(c, train, cache, version, device) for c in candidates]
     ordered, reason, ties = rank_rows(rows, estimator)
-    return Ranking(estimator, ordered, ordered[0], reason, ties, len(train), time.perf_counter() - started)
+    used = resolve_estimator(ordered, estimator)[0]
+    return Ranking(used, ordered, ordered[0], reason, ties, len(train), time.perf_counter() - started)
 

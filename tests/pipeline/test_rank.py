@@ -44,7 +44,8 @@ def test_rank_prints_the_table_and_logs_it_to_mlflow(project: dict) -> None:
     ranking = json.loads(Path(client.download_artifacts(run.info.run_id, "ranking/ranking.json")).read_text())
     names = [row["name"] for row in ranking["rows"]]
     assert names == ["source-fonts", "random"]  # the unrelated random body ranks last
-    assert ranking["estimator"] == load_params(project["root"] / "params.yaml").pretrain.rank_estimator
+    assert load_params(project["root"] / "params.yaml").pretrain.rank_estimator == "auto"
+    assert ranking["estimator"] == "leep"  # auto, and every candidate here has its source head
     for row in ranking["rows"]:
         assert all(row[e] is not None for e in ESTIMATORS)
         assert run.data.metrics[f"logme.{row['name']}"] == pytest.approx(row["logme"])
@@ -79,8 +80,8 @@ def test_source_auto_uses_the_top_ranked_candidate(project: dict, monkeypatch: p
     top = ranking["rows"][0]
     assert source["chosen_source"] == top["name"] == "source-fonts"
     assert load_model_dir(source["model_dir"])[1]["weights_sha256"] == source["weights_sha256"]
-    assert source["choice_reason"].startswith(f"pretrain.source=auto: source-fonts ranked first of 2 by "
-                                              f"{params.pretrain.rank_estimator}")
+    assert source["choice_reason"].startswith("pretrain.source=auto: source-fonts ranked first of 2 by leep")
+    assert "(auto: leep (best audited record))" in source["choice_reason"]
     assert last.data.tags["choice_reason"] in source["choice_reason"]
 
 

