@@ -41,6 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CLASSES = 10
+PHASES = ("prepare", "validate", "decode", "features", "predict", "epoch", "plain")
 
 
 # --------------------------------------------------------------------------- data
@@ -119,6 +120,19 @@ def phase(name: str, work: Path, images: Path, arch: str, size: int, weights: Pa
         else:
             data = load()
         n = len(data)
+    elif name in ("features", "predict"):  # the frozen-feature cache; evaluation's forward pass
+        from transfer.feature_cache import FeatureCache, body_sha256, data_fingerprint, feature_key
+        from transfer.train import predict_proba
+
+        model, _ = _model(arch, weights, size)
+        data = load_split(target, "train", size, 3, storage="mmap")  # decoded by the decode phase
+        started = time.perf_counter()
+        if name == "features":  # the key hashes the split chunk by chunk, then the body runs
+            key = feature_key("bench", body_sha256(model.body), "train", data_fingerprint(data))
+            FeatureCache(work / "features").get_or_compute(model.body, data, key, torch.device("cpu"))
+        else:
+            predict_proba(model, data, torch.device("cpu"))
+        n = len(data)
     elif name == "plain":
         n = plain_epoch(target, arch, size, weights, cfg)
     else:
@@ -186,17 +200,20 @@ def median_of(runs: list[dict]) -> dict:
 
 
 def bench_size(n: int, scratch: Path, arch: str = "small_cnn", size: int = 64,
-               weights: Path | None = None, phases: tuple[str, ...] = ("prepare", "validate", "decode", "epoch", "plain"),
-               repeats: int = 1) -> list[dict]:
+               weights: Path | None = None, phases: tuple[str, ...] = PHASES, repeats: int = 1) -> list[dict]:
     """Every phase once, then the two training epochs (ours, plain) ``repeats`` times in all,
     alternately, so the throughput ratio is not one draw of a noisy machine."""
     work = scratch / f"{arch}-{n}"
     images = generate(work / "images", n, 64 if weights is None else 256)
     print(f"N = {n} ({arch}, {size} px)", flush=True)
+    prerequisites = [p for p in ("prepare", "decode") if p not in phases]  # later phases read their output
+    for p in prerequisites:
+        run_phase(p, work, images, arch, size, weights)
     runs: dict[str, list[dict]] = {p: [run_phase(p, work, images, arch, size, weights)] for p in phases}
     for _ in range(repeats - 1):
         for p in ("plain", "epoch"):
-            runs[p].append(run_phase(p, work, images, arch, size, weights))
+            if p in phases:
+                runs[p].append(run_phase(p, work, images, arch, size, weights))
     shutil.rmtree(work, ignore_errors=True)
     return [{**median_of(runs[p]), "arch": arch, "size": size, "dataset_n": n} for p in phases]
 
@@ -215,22 +232,27 @@ def _earlier() -> dict:
     return json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
 
 
-def kept_rows(sizes: list[int], resnet_n: int) -> list[dict]:
-    """``--keep``: the earlier run's rows for the sizes (and resnet run) not measured now."""
+def kept_rows(sizes: list[int], resnet_n: int, phases: tuple[str, ...]) -> list[dict]:
+    """``--keep``: the earlier run's rows of the (size, phase) pairs not measured now."""
     def remeasured(r: dict) -> bool:
+        if r["phase"] not in phases:
+            return False
         return (r["arch"] == "small_cnn" and r.get("dataset_n", r["n"]) in sizes) or (r["arch"] != "small_cnn" and resnet_n)
 
     return [r for r in _earlier()["rows"] if not remeasured(r)]
 
 
-def kept_meta() -> dict:
+def kept_meta() -> list[dict]:
+    """The runs the kept rows come from: the earlier file's own run and the ones it kept."""
     meta = _earlier()["meta"]
-    return {k: meta.get(k) for k in ("load_before", "load_after", "seconds", "sizes", "resnet_n", "repeats")}
+    older = meta.get("kept_from_earlier_runs") or ([meta["kept_from_earlier_run"]] if "kept_from_earlier_run" in meta else [])
+    own = {k: meta.get(k) for k in ("load_before", "load_after", "seconds", "sizes", "resnet_n", "repeats", "phases")}
+    return [*older, own]
 
 
 def row_order(r: dict) -> tuple:
     return (r["arch"] != "small_cnn", r.get("dataset_n", r["n"]),
-            ["prepare", "validate", "decode", "epoch", "plain"].index(r["phase"]))
+            PHASES.index(r["phase"]))
 
 
 def write_results(rows: list[dict], meta: dict) -> None:
@@ -238,10 +260,10 @@ def write_results(rows: list[dict], meta: dict) -> None:
     (RESULTS / "scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"Machine: {meta['machine']}; load average before {meta['load_before']}, after {meta['load_after']}; "
              f"total {meta['seconds']:.0f} s."]
-    if meta.get("kept_from_earlier_run"):
-        kept = meta["kept_from_earlier_run"]
-        lines.append(f"Rows of other sizes kept from an earlier run (`--keep`): sizes {kept['sizes']}, load average "
-                     f"before {kept['load_before']}, after {kept['load_after']}, {kept['repeats'] or 1} repeat(s).")
+    for kept in meta.get("kept_from_earlier_runs", []):
+        lines.append(f"Rows not measured now kept from an earlier run (`--keep`): sizes {kept['sizes']}, phases "
+                     f"{kept.get('phases') or 'prepare, validate, decode, epoch, plain'}, load average before {kept['load_before']}, after "
+                     f"{kept['load_after']}, {kept.get('repeats') or 1} repeat(s).")
     lines += ["",
              "| arch | px | phase | dataset N | images timed | ms / image (median) | runs (ms / image) | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -262,7 +284,7 @@ def plot(rows: list[dict]) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     small = [r for r in rows if r["arch"] == "small_cnn"]
     sizes = sorted({r["n"] for r in small if r["phase"] == "prepare"})
-    for name in ("prepare", "validate", "decode", "epoch", "plain"):
+    for name in PHASES:
         pts = sorted((r["n"], r["per_image_ms"], r["peak_rss_mb"]) for r in small if r["phase"] == name)
         if not pts:
             continue
@@ -289,6 +311,8 @@ def main() -> None:
                         help="training epochs (ours and plain, alternately) per size; medians reported")
     parser.add_argument("--repeats-max-n", type=int, default=10000,
                         help="sizes above this run each epoch once (a 100k epoch takes minutes on 2 cores)")
+    parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES,
+                        help="prepare (and decode) always run when a later phase needs their output")
     parser.add_argument("--keep", action="store_true",
                         help="merge into the existing results: rows of other sizes stay")
     parser.add_argument("--phase")
@@ -303,7 +327,8 @@ def main() -> None:
         return
     started, load_before = time.perf_counter(), [round(v, 2) for v in os.getloadavg()]
     rows: list[dict] = []
-    kept = kept_rows(args.sizes, args.resnet_n) if args.keep else []
+    phases = tuple(args.phases)
+    kept = kept_rows(args.sizes, args.resnet_n, phases) if args.keep else []
     earlier = kept_meta() if kept else None  # read now: every save() below rewrites the file
 
     def save() -> None:  # after every size: an interrupted run keeps what it measured
@@ -313,19 +338,20 @@ def main() -> None:
                            f"torch {torch.__version__}",
                 "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
                 "seconds": time.perf_counter() - started, "sizes": args.sizes, "resnet_n": args.resnet_n,
-                "repeats": args.repeats, "repeats_max_n": args.repeats_max_n}
+                "repeats": args.repeats, "repeats_max_n": args.repeats_max_n, "phases": list(phases)}
         if earlier:
-            meta["kept_from_earlier_run"] = earlier
+            meta["kept_from_earlier_runs"] = earlier
         write_results(sorted(kept + rows, key=row_order), meta)
 
     with tempfile.TemporaryDirectory(prefix="scale-", dir=os.environ.get("SCALE_TMP")) as scratch:
         for n in args.sizes:
-            rows += bench_size(n, Path(scratch), repeats=args.repeats if n <= args.repeats_max_n else 1)
+            rows += bench_size(n, Path(scratch), phases=phases,
+                               repeats=args.repeats if n <= args.repeats_max_n else 1)
             save()
         if args.resnet_n:
             weights = resnet_weights(Path(scratch))
             rows += bench_size(args.resnet_n, Path(scratch), "resnet18", 224, weights,
-                               ("prepare", "decode", "epoch", "plain"), repeats=args.repeats)
+                               tuple(p for p in phases if p != "validate"), repeats=args.repeats)
             save()
     print((RESULTS / "scale.md").read_text())
 

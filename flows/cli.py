@@ -256,8 +256,11 @@ def _print_sense(checks: list[dict[str, Any]]) -> None:
 
 @app.command()
 def server(
-    host: Annotated[str, typer.Option(help="address to listen on (loopback: this machine only)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port; `transfer run` looks for a server on PREFECT_SERVER_API_PORT "
+    # the same variables `transfer run` reads to find the server (flows/prefect_api.py)
+    host: Annotated[str, typer.Option(envvar="PREFECT_SERVER_API_HOST",
+                                      help="address to listen on (loopback: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="PREFECT_SERVER_API_PORT",
+                                      help="port; `transfer run` looks for a server on PREFECT_SERVER_API_PORT "
                                            "(default 4200)")] = 4200,
 ) -> None:
     """Keep a local Prefect API running (Ctrl-C stops it): `transfer run` then uses it instead of starting a temporary one."""
