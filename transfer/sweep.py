@@ -369,9 +369,10 @@ def run_sweep(
     """The ``sweep`` stage: the sweep ``params.sweep`` names, from ``source_model_dir``.
 
     Seeds are ``runtime.seed``, +1, ... (``sweep.seeds`` of them); ``sweep.epochs`` overrides
-    ``finetune.epochs``. The result goes to ``out`` (default: ``<work dir>/sweep-<key>.json``)
-    unless ``out`` or one of ``reuse`` already holds this sweep (same key): then it is read
-    back and nothing trains. Otherwise the points not cached yet train.
+    ``finetune.epochs``. The result goes to ``out`` and ``<work dir>/sweep-<key>.json``
+    unless ``out``, one of ``reuse`` or that keyed file already holds this sweep (same key):
+    then it is read back (copied to ``out``) and nothing trains. Otherwise the points not
+    cached yet train.
     """
     settings = params.sweep
     seeds = [params.runtime.seed + i for i in range(settings.seeds)]
@@ -379,17 +380,25 @@ def run_sweep(
     swept = plan(params, source_model_dir, settings.ks, settings.strategies, work,
                  epochs=settings.epochs, seeds=seeds)
     key = swept.key
-    target = Path(out) if out is not None else work / f"sweep-{key}.json"
-    for candidate in (target, *map(Path, reuse)):
+    keyed = work / f"sweep-{key}.json"
+    target = Path(out) if out is not None else keyed
+    for candidate in dict.fromkeys((target, *map(Path, reuse), keyed)):
         curves = read_current(candidate, key)
-        if curves is not None:
-            log.info("sample-efficiency sweep %s: current in %s (same inputs): nothing to train", key, candidate)
-            return Sweep(key, curves, candidate, settings.epochs, True, 0)
+        if curves is None:
+            continue
+        log.info("sample-efficiency sweep %s: current in %s (same inputs): nothing to train", key, candidate)
+        if out is not None and candidate != target:  # the stage's output must exist
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(candidate, target)
+            candidate = target
+        return Sweep(key, curves, candidate, settings.epochs, True, 0)
     to_train = [p for p in swept.points if not p.cached]
     log.info("sample-efficiency sweep %s: k=%s, %s, %d seed(s): %d of %d points to train (the rest cached "
              "under %s), then the classical floors", key, swept.ks, ", ".join(swept.names), len(seeds),
              len(to_train), len(swept.points), work)
     curves = execute(swept, params, source_model_dir, progress)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps({"key": key, "epochs": settings.epochs, **curves.to_json()}, indent=2))
+    text = json.dumps({"key": key, "epochs": settings.epochs, **curves.to_json()}, indent=2)
+    for path in dict.fromkeys((target, keyed)):  # the keyed copy: a later report finds it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     return Sweep(key, curves, target, settings.epochs, False, len(to_train))
