@@ -385,6 +385,8 @@ def run_sweep(
     for candidate in dict.fromkeys((target, *map(Path, reuse), keyed)):
         curves = read_current(candidate, key)
         if curves is None:
+            if candidate.is_file():
+                log.info("sample-efficiency sweep %s: %s holds another sweep (other inputs)", key, candidate)
             continue
         log.info("sample-efficiency sweep %s: current in %s (same inputs): nothing to train", key, candidate)
         if out is not None and candidate != target:  # the stage's output must exist

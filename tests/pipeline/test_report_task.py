@@ -119,8 +119,11 @@ def test_report_for_run_reads_the_run_sweeps_and_logs(tmp_path: Path, monkeypatc
                           cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0 and "nothing to train" in proc.stderr, proc.stderr[-2000:]
     shutil.rmtree(tmp_path / "artifacts" / "report" / "sweep")
-    again = json.loads(report_for_run(caller, run_id, tmp_path / "again", [1, 5, 1000], ["head"], 1)["json"]
-                       .read_text())["sample_efficiency"]
+    proc = subprocess.run(["transfer", "report", "--run-id", run_id, "--out", "again"],  # params.sweep
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "current in metrics/sweep.json (same inputs): nothing to train" in proc.stderr  # says so
+    again = json.loads((tmp_path / "again" / "report.json").read_text())["sample_efficiency"]
     assert again["reused"] and again["file"] == "metrics/sweep.json"
     assert not (tmp_path / "artifacts" / "report" / "sweep").exists()  # no point trained again
     assert again["curves"] == data["sample_efficiency"]["curves"]
