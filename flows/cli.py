@@ -264,7 +264,7 @@ def server(
 
 
 # The order `transfer --help` lists the commands in (unlisted ones follow, groups last).
-HELP_ORDER = ("validate", "pretrain", "finetune", "baseline", "evaluate", "run", "rank", "rollback", "runs", "serve",
+HELP_ORDER = ("validate", "pretrain", "finetune", "baseline", "evaluate", "sweep", "run", "rank", "rollback", "runs", "serve",
               "predict", "schedule", "report", "server")
 
 

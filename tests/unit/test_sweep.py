@@ -62,8 +62,11 @@ def test_the_sweep_stage_is_keyed_on_its_inputs(tiny_target, tmp_path: Path, cap
     assert more.curves.seed_list == [0, 1] and json.loads(out.read_text())["key"] == more.key
 
     # Another source model (other weights): the transfer points train again, scratch does not.
+    torch.manual_seed(1234)  # not the init the fixture's source got (training reseeds the RNG)
     other = save_model_dir(create_model("tiny_cnn", 4), tmp_path / "other_source",
                            {"image_size": 12, "channels": 1, "classes": ["0", "1", "2", "3"]})
+    assert json.loads((other / "model.json").read_text())["weights_sha256"] != json.loads(
+        (Path(source_dir) / "model.json").read_text())["weights_sha256"]
     moved = run_sweep(params, other, out)
     assert not moved.reused and moved.trained == 2 and moved.key != first.key
 
