@@ -182,9 +182,11 @@ def evaluate(
 def sweep(
     params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
     source: Annotated[Path, typer.Option(help="source model dir")] = Path("models/source/source_model"),
-    out: Annotated[Path, typer.Option(help="sweep result JSON (`transfer report` reads it)")] = Path("metrics/sweep.json"),
+    out: Annotated[Path, typer.Option(help="sweep result JSON (`transfer report` reads it)")] = Path(
+        "metrics/sweep.json"),
 ) -> None:
-    """Sample-efficiency sweep (params.sweep): accuracy vs labels per class, scratch and each strategy, over seeds."""
+    """Sample-efficiency sweep (params.sweep): accuracy vs labels per class, scratch and each
+    strategy, over seeds; a rerun with the same inputs trains nothing."""
     from transfer.sweep import run_sweep
 
     log_progress()
