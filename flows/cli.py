@@ -218,26 +218,21 @@ def report(
     params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
     run_id: Annotated[str | None, typer.Option(help="pipeline run id (default: the latest)")] = None,
     out: Annotated[Path, typer.Option(help="output dir")] = Path("artifacts/report"),
-    ks: Annotated[str, typer.Option(help="labels per class for the sample-efficiency curve")] = "1,5,10,50",
-    strategies: Annotated[str, typer.Option(help="strategies on the curve (scratch always)")] = "head,full",
-    epochs: Annotated[int | None, typer.Option(help="fine-tune epochs for the curve (default finetune.epochs)")] = None,
-    seeds: Annotated[int, typer.Option(min=1, help="seeds per curve point (error bars, paired t-test)")] = 3,
+    ks: Annotated[str | None, typer.Option(help="labels per class for the sample-efficiency curve "
+                                                "(default sweep.ks)")] = None,
+    strategies: Annotated[str | None, typer.Option(help="strategies on the curve, scratch always "
+                                                        "(default sweep.strategies)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="fine-tune epochs for the curve (default sweep.epochs)")] = None,
+    seeds: Annotated[int | None, typer.Option(min=1, help="seeds per curve point (default sweep.seeds)")] = None,
 ) -> None:
     """HTML + PNG transfer report of a run, also logged to its MLflow run."""
-    import logging
-
     from tasks.report import report_for_run
 
     params = _params(params_file, overrides)
-    # say what it computes: a line per sweep point trained (cached ones are reused) and per epoch
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logging.getLogger("transfer").addHandler(handler)
-    logging.getLogger("transfer").setLevel(logging.INFO)
-    _note(f"sample-efficiency sweep: k={ks}, {strategies} and scratch, {seeds} seed(s) per point; "
-          f"points already under {params.runtime.artifacts_dir}/report/sweep are reused")
-    paths = report_for_run(params, run_id, out, [int(k) for k in ks.split(",")],
-                           [s for s in strategies.split(",") if s], epochs, seeds=seeds)
+    core.log_progress()  # says what it computes: the sweep it reuses, or each point it trains
+    paths = report_for_run(params, run_id, out, None if ks is None else [int(k) for k in ks.split(",")],
+                           None if strategies is None else [s for s in strategies.split(",") if s], epochs,
+                           seeds=seeds)
     for name, path in paths.items():
         console.print(escape(f"{name}: {path}"))
 
@@ -272,7 +267,7 @@ def server(
 
 
 # The order `transfer --help` lists the commands in (unlisted ones follow, groups last).
-HELP_ORDER = ("validate", "pretrain", "finetune", "baseline", "evaluate", "run", "rank", "rollback", "runs", "serve",
+HELP_ORDER = ("validate", "pretrain", "finetune", "baseline", "evaluate", "sweep", "run", "rank", "rollback", "runs", "serve",
               "predict", "schedule", "report", "server")
 
 

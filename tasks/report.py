@@ -23,13 +23,15 @@ import mlflow
 from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
 
 from tasks import tracking
 from tasks.common import stage_task
 from transfer import checks as sense
 from transfer import report as core
 from transfer import stages
-from transfer.config import ConfigError, Params, params_from_dict
+from transfer import sweep as sweeping
+from transfer.config import ConfigError, Params, SweepParams, params_from_dict
 from transfer.data import dataset_version
 from transfer.errors import TransferError
 
@@ -420,53 +422,57 @@ def _time(millis: int | None) -> str | None:
 # --------------------------------------------------------------------------- entry point
 
 
+def _sweep(
+    rp: Params, source_path: Path | None, ks: Sequence[int] | None, strategies: Sequence[str] | None,
+    epochs: int | None, seeds: int | None, progress: bool, notes: list[str],
+) -> sweeping.Sweep | None:
+    """The run's sweep: the stage's result when current, else computed (points cached)."""
+    settings = rp.sweep.model_dump()
+    given = {"ks": ks, "strategies": strategies, "epochs": epochs, "seeds": seeds}
+    settings.update({k: list(v) if isinstance(v, Sequence) else v for k, v in given.items() if v is not None})
+    if source_path is None or not settings["ks"] or not settings["strategies"]:
+        return None
+    try:
+        swept = rp.model_copy(update={"sweep": SweepParams(**settings)})
+        with warnings.catch_warnings():  # a warning repeated by every sweep point shows once
+            warnings.simplefilter("once")
+            return sweeping.run_sweep(swept, source_path, reuse=[sweeping.STAGE_OUTPUT], progress=progress)
+    except (TransferError, ValidationError) as error:
+        notes.append(f"sample-efficiency sweep failed: {' '.join(str(error).split())}")
+        return None
+
+
 def report_for_run(
     params: Params,
     run_id: str | None = None,
     out_dir: str | Path | None = None,
-    ks: Sequence[int] = core.DEFAULT_KS,
-    strategies: Sequence[str] = core.DEFAULT_STRATEGIES,
+    ks: Sequence[int] | None = None,
+    strategies: Sequence[str] | None = None,
     epochs: int | None = None,
     *,
     progress: bool = False,
-    seeds: int = core.DEFAULT_SEEDS,
+    seeds: int | None = None,
 ) -> dict[str, Path]:
     """Write the report of a pipeline run (default: the latest finished one), log it to the run.
 
-    ``out_dir`` defaults to ``<artifacts_dir>/report/<run_id>``; ``epochs`` overrides
-    ``finetune.epochs`` for a quick sweep. Returns the written files (``html``, ``png``,
-    ``json``, ``curve``, ``confusion_*``). The sweep runs ``seeds`` seeds per point (the
-    run's ``runtime.seed`` and the next ones) for its error bars and significance figures.
+    ``out_dir`` defaults to ``<artifacts_dir>/report/<run_id>``. The sample-efficiency sweep
+    is ``params.sweep`` (``ks``, ``strategies``, ``epochs``, ``seeds`` override it; empty
+    ``ks`` or ``strategies``: no sweep) from the run's params and source model: read from
+    the ``sweep`` stage's ``metrics/sweep.json`` when that holds this very sweep, else run
+    by the same cached function (:func:`transfer.sweep.run_sweep`). Returns the written
+    files (``html``, ``png``, ``json``, ``curve``, ``confusion_*``).
     """
     data, rp, source_path, run = gather(params, run_id)
     rid = run.info.run_id
-    curves: core.Curves | None = None
-    if source_path is not None and ks and strategies:
-        try:
-            with warnings.catch_warnings():  # a warning repeated by every sweep point shows once
-                warnings.simplefilter("once")
-                curves = core.sample_efficiency(
-                    rp,
-                    source_path,
-                    ks,
-                    strategies,
-                    Path(params.runtime.artifacts_dir) / "report" / "sweep",
-                    progress,
-                    epochs=epochs,
-                    seeds=[rp.runtime.seed + i for i in range(max(int(seeds), 1))],
-                )
-        except TransferError as error:
-            data["notes"].append(f"sample-efficiency sweep failed: {error}")
-    if curves is not None:
+    swept = _sweep(rp, source_path, ks, strategies, epochs, seeds, progress, data["notes"])
+    curves = swept.curves if swept is not None else None
+    if swept is not None:
         data["sample_efficiency"] = {
+            **curves.to_json(),
             "curves": dict(curves),
-            "notes": curves.notes,
-            "epochs": epochs,
-            "points": curves.points,
-            "seeds": curves.seeds,
-            "val": curves.val,
-            "floors": curves.floors,
-            "seed_list": curves.seed_list,
+            "epochs": swept.epochs,
+            "file": str(swept.path),
+            "reused": swept.reused,
             "analysis": core.efficiency_analysis(
                 curves.seeds, curves.val, curves.floors, rp.finetune.labels_per_class
             ),

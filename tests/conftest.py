@@ -41,6 +41,7 @@ TINY_PARAMS = {
     "pretrain": {"arch": "small_cnn", "epochs": 4, "batch_size": 64},
     "finetune": {"strategy": "full", "labels_per_class": 5, "epochs": 6, "batch_size": 16, "seeds": 2},
     "promote": {"accuracy_floor": 0.0, "min_delta": 0.0},
+    "sweep": {"ks": [1, 2], "strategies": ["head"], "seeds": 1, "epochs": 1},
     "runtime": {"device": "cpu"},
 }
 

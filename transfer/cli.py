@@ -1,6 +1,6 @@
 """The core of the ``transfer`` command: the stage commands and the CLI's conventions.
 
-Stage commands (``data prepare``, ``pretrain``, ``finetune``, ``baseline``, ``evaluate``)
+Stage commands (``data prepare``, ``pretrain``, ``finetune``, ``baseline``, ``evaluate``, ``sweep``)
 work standalone on files and are what ``dvc.yaml`` calls. The orchestration commands
 (``run``, ``validate``, ``serve``, ...) are registered from the glue side (``flows/cli.py``,
 the console entry point), so this package imports nothing of Prefect, MLflow, tasks or
@@ -176,6 +176,36 @@ def evaluate(
                            out / "transfer_gain.png", "Test accuracy: scratch vs transfer")
     _write_json(out / "evaluate.json", summary)
     _print_mapping("evaluation", summary)
+
+
+@app.command()
+def sweep(
+    params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+    source: Annotated[Path, typer.Option(help="source model dir")] = Path("models/source/source_model"),
+    out: Annotated[Path, typer.Option(help="sweep result JSON (`transfer report` reads it)")] = Path(
+        "metrics/sweep.json"),
+) -> None:
+    """Sample-efficiency sweep (params.sweep): accuracy vs labels per class, scratch and each
+    strategy, over seeds; a rerun with the same inputs trains nothing."""
+    from transfer.sweep import run_sweep
+
+    log_progress()
+    result = run_sweep(_params(params_file, overrides), source, out)
+    state = "current, nothing trained" if result.reused else f"{result.trained} point(s) trained"
+    console.print(escape(f"sweep {result.key}: {result.path} ({state})"))
+
+
+def log_progress() -> None:
+    """What a long command computes, one line each on stderr (``transfer.*`` INFO logs)."""
+    import logging
+
+    logger = logging.getLogger("transfer")
+    if not any(getattr(h, "transfer_progress", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.transfer_progress = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _print_mapping(title: str, data: dict[str, Any]) -> None:

@@ -189,6 +189,15 @@ class PromoteParams(_Section):
     require_beats_scratch: bool = True  # transfer must beat scratch significantly (same test)
 
 
+class SweepParams(_Section):
+    """The sample-efficiency sweep (``transfer sweep``, the curve ``transfer report`` shows)."""
+
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10, 50], min_length=1, description="labels per class")
+    strategies: list[str] = Field(default_factory=lambda: ["head", "full"], description="besides scratch")
+    seeds: int = Field(3, ge=1, le=50, description="seeds per point: error bars, paired t-test")
+    epochs: int | None = Field(None, ge=0, description="fine-tune epochs per point; null: finetune.epochs")
+
+
 class ServeParams(_Section):
     host: str = "127.0.0.1"
     port: int = Field(5001, ge=1, le=65535)
@@ -223,6 +232,7 @@ class Params(_Section):
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     promote: PromoteParams = PromoteParams()
+    sweep: SweepParams = SweepParams()
     serve: ServeParams = ServeParams()
     schedule: ScheduleParams = ScheduleParams()
     runtime: RuntimeParams = RuntimeParams()

@@ -9,11 +9,13 @@ from __future__ import annotations
 import html
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from transfer.config import params_from_dict
+from transfer.config import SweepParams, params_from_dict, write_params
 from transfer.errors import TransferError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -85,6 +87,8 @@ def test_report_for_run_reads_the_run_sweeps_and_logs(tmp_path: Path, monkeypatc
     assert "labels_saved" in analysis and "Labels saved" in text
     assert data["summary"]["gain"] == pytest.approx(summary["gain"])
     assert data["notes"] == []
+    assert not data["sample_efficiency"]["reused"]  # computed (and kept, keyed) by the sweep function
+    assert Path(data["sample_efficiency"]["file"]).name.startswith("sweep-")
     checks = {c["check"]: c for c in data["checks"]}  # transfer.checks, the run's params
     assert "threshold 5x, validate.min_source_ratio" in checks["source_much_larger"]["detail"]
 
@@ -103,6 +107,26 @@ def test_report_for_run_reads_the_run_sweeps_and_logs(tmp_path: Path, monkeypatc
                               for r in stage_runs)
     with pytest.raises(TransferError, match="no MLflow run"):
         report_for_run(caller, "0" * 32, tmp_path / "bad", [1], ["head"], 1)
+
+    # `transfer sweep` (the dvc stage) with the run's params: the same sweep, so it trains
+    # nothing; a report after it reads metrics/sweep.json, even with the points gone.
+    from tasks.report import params_of_run
+
+    rp, _ = params_of_run(run, caller)
+    settings = SweepParams(ks=[1, 5, 1000], strategies=["head"], epochs=1, seeds=3)
+    write_params(rp.model_copy(update={"sweep": settings}), tmp_path / "params.yaml")
+    proc = subprocess.run(["transfer", "sweep", "--source", data["source_model"]["model_dir"]],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0 and "nothing to train" in proc.stderr, proc.stderr[-2000:]
+    shutil.rmtree(tmp_path / "artifacts" / "report" / "sweep")
+    proc = subprocess.run(["transfer", "report", "--run-id", run_id, "--out", "again"],  # params.sweep
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "current in metrics/sweep.json (same inputs): nothing to train" in proc.stderr  # says so
+    again = json.loads((tmp_path / "again" / "report.json").read_text())["sample_efficiency"]
+    assert again["reused"] and again["file"] == "metrics/sweep.json"
+    assert not (tmp_path / "artifacts" / "report" / "sweep").exists()  # no point trained again
+    assert again["curves"] == data["sample_efficiency"]["curves"]
 
     # `transfer runs`: the strategy auto resolved to, and the model's name
     from tasks.history import recent_runs

@@ -188,8 +188,9 @@ def _outs(spec: dict[str, Any]) -> list[str]:
 
 
 # read by a stage but not inputs: dvc tracks params.yaml through `params:`; data/.cache holds
-# decoded tensors and dataset stamps derived from data/ and the code (keyed on both)
-NOT_INPUTS = ("params.yaml", "data/.cache")
+# decoded tensors and dataset stamps derived from data/ and the code (keyed on both);
+# artifacts/report/sweep: the sweep's own points (written, read back; keyed the same way)
+NOT_INPUTS = ("params.yaml", "data/.cache", "artifacts/report/sweep")
 
 
 def file_problems(name: str, spec: dict[str, Any], files: Iterable[str]) -> list[str]:
