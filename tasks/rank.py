@@ -147,8 +147,7 @@ def ranking_markdown(ranking: Ranking) -> str:
 def log_ranking(params: Params, ranking: Ranking, parent_run_id: str | None = None) -> str:
     """One MLflow run: ranking.json + ranking.md, metrics ``<estimator>.<source>``, the choice."""
     client = tracking.configure(params)
-    run_id = tracking.start_run(client, params, "rank sources", parent_run_id, {"stage": "rank"})
-    try:
+    with tracking.tracked_run(client, params, "rank sources", parent_run_id, {"stage": "rank"}) as run_id:
         tracking.log_params(client, run_id, {"rank_estimator": ranking.estimator, "n_images": ranking.n_images,
                                              "candidates": ",".join(r["name"] for r in ranking.rows)})
         tracking.log_metrics(client, run_id, {
@@ -161,10 +160,6 @@ def log_ranking(params: Params, ranking: Ranking, parent_run_id: str | None = No
             path = Path(tmp) / "ranking.md"
             path.write_text(ranking_markdown(ranking))
             client.log_artifact(run_id, str(path), "ranking")
-    except BaseException:
-        tracking.end_run(client, run_id, ok=False)
-        raise
-    tracking.end_run(client, run_id)
     return run_id
 
 
