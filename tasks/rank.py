@@ -101,10 +101,8 @@ def resolve(params: Params, spec: str, register: bool = True) -> list[Candidate]
         client = tracking.configure(params)
         return [c for uri in _registered(client) for c in resolve(params, uri, register)]
     if spec.startswith(("models:/", "runs:/")):
-        from tasks.stage_io import download_model_dir
-
         tracking.configure(params)
-        model_dir = download_model_dir(spec, tempfile.mkdtemp(prefix="candidate-"))
+        model_dir = tracking.kept_download(spec)  # the chosen one is the run's source model
         name = spec.removeprefix("models:/").split("/")[0].split("@")[0] if spec.startswith("models:/") else spec
         return [_from_dir(model_dir, name, spec)]
     return [local_candidate(spec, params)]

@@ -85,10 +85,8 @@ def _resolve_source_reference(reference: str, params: Params) -> Path:
         raise TransferError(
             f"pretrain.source_model={reference!r} is neither a model directory nor an MLflow URI"
         )
-    from tasks.stage_io import download_model_dir
-
     tracking.configure(params)
-    return download_model_dir(reference, tempfile.mkdtemp(prefix="source-"))  # kept: the run reads it
+    return tracking.kept_download(reference)  # the run's later tasks read it
 
 
 def pretrain_source(

@@ -141,3 +141,22 @@ def test_a_download_without_a_transfer_model_is_one_error_and_leaves_nothing(
         with tracking.downloaded(f"runs:/{run_id}/other"):
             pass
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_kept_download_lives_until_its_process_exits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    client, params = _store(tmp_path, monkeypatch)
+    uri = _published_model(tmp_path, client, params)
+    script = (
+        "import sys; from tasks import tracking; from transfer.config import params_from_dict\n"
+        "tracking.configure(params_from_dict({'runtime': {'experiment': 'run-lifecycle'}}))\n"
+        f"path = tracking.kept_download({uri!r}); print(path, (path / 'model.json').exists())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    path, existed = out.stdout.split()
+    assert existed == "True"
+    assert not Path(path).exists()
