@@ -174,14 +174,6 @@ def tracked_run(
     """A (nested) run for the with-block: FINISHED after it, FAILED if anything escapes it
     (Ctrl-C included), so no error leaves a run RUNNING. Yields the run id."""
     run_id = start_run(client, params, name, parent_id, tags)
-    with closing_run(client, run_id):
-        yield run_id
-
-
-@contextlib.contextmanager
-def closing_run(client: MlflowClient, run_id: str) -> Iterator[str]:
-    """End the already started run ``run_id`` when the block ends: FAILED on any exception
-    (re-raised, BaseException included), FINISHED otherwise."""
     try:
         yield run_id
     except BaseException:
