@@ -161,6 +161,7 @@ def test_crash_in_finetune_leaves_registry_alone_and_rerun_resumes(
     dvc_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from transfer import stages
+    from transfer.strategies import freeze
     from transfer.train import CrashAfterEpoch
 
     real_fit, calls, resumed = stages.fit, [], []
@@ -178,6 +179,7 @@ def test_crash_in_finetune_leaves_registry_alone_and_rerun_resumes(
         return result
 
     monkeypatch.setattr(stages, "fit", flaky_fit)
+    monkeypatch.setattr(freeze, "fit", flaky_fit)  # the fine-tune strategies call fit from there
     with pytest.raises(RuntimeError, match="worker lost"):
         _run()
     assert len(calls) == 3  # first try + 2 retries with backoff
