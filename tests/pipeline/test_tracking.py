@@ -160,3 +160,28 @@ def test_a_kept_download_lives_until_its_process_exits(
     path, existed = out.stdout.split()
     assert existed == "True"
     assert not Path(path).exists()
+
+
+@pytest.mark.parametrize("error", [ValueError("bad input"), KeyboardInterrupt()])
+def test_a_flow_body_that_raises_fails_its_parent_run_with_the_error(
+    prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    from prefect import flow
+
+    from tasks.pipeline_run import failing_pipeline_run, start_pipeline_run
+
+    client, params = _store(tmp_path, monkeypatch)
+    started: list[str] = []
+
+    @flow
+    def doomed() -> None:
+        run_id = start_pipeline_run(params, "doomed")
+        started.append(run_id)
+        with failing_pipeline_run(params, run_id):
+            raise error
+
+    with pytest.raises(type(error)):
+        doomed()
+    run = client.get_run(started[0])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith(type(error).__name__)
