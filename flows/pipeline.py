@@ -16,7 +16,7 @@ from tasks.data import version_data_task
 from tasks.evaluate import evaluate_summary as evaluation_summary
 from tasks.evaluate import evaluate_task
 from tasks.pipeline_run import (
-    fail_pipeline_run, finish_pipeline_run, log_data_version, log_source_model, start_pipeline_run,
+    failing_pipeline_run, finish_pipeline_run, log_data_version, log_source_model, start_pipeline_run,
 )
 from tasks.promote import promote_task
 from tasks.train import finetune_task, pretrain_task, scratch_task
@@ -35,7 +35,7 @@ def transfer_pipeline(
     resolve_strategy(params)  # an unknown finetune.strategy fails now, not after pretraining
     run_id = start_pipeline_run(params)
     report_dir = str(Path(params.runtime.artifacts_dir) / "validation" / run_id)
-    try:
+    with failing_pipeline_run(params, run_id, report_dir):
         data = version_data_task(params)
         log_data_version(params, run_id, data)
         validation = validate_gate_task(params, data, report_dir, run_id)
@@ -48,9 +48,6 @@ def transfer_pipeline(
         evaluation = evaluate_task(params, tuned_runs, scratch_runs, run_id)
         tuned = evaluation["selected"]
         decision = promote_task(params, data, source, tuned, evaluation, validation["passed"], run_id)
-    except BaseException as error:
-        fail_pipeline_run(params, run_id, f"{type(error).__name__}: {error}", report_dir)
-        raise
     summary = {
         "mlflow_run_id": run_id,
         # the DVC md5 of each dataset folder (dvc.lock), else the manifest hash outside DVC

@@ -25,7 +25,7 @@ from tasks.data import version_data_task
 from tasks.evaluate import evaluate_summary as evaluation_summary
 from tasks.evaluate import evaluate_task
 from tasks.pipeline_run import (
-    fail_pipeline_run, finish_pipeline_run, log_data_version, log_source_model, start_pipeline_run,
+    failing_pipeline_run, finish_pipeline_run, log_data_version, log_source_model, start_pipeline_run,
 )
 from tasks.promote import promote_task
 from tasks.retrain import changed_datasets, data_fingerprint
@@ -53,16 +53,13 @@ def pretrain_flow(
     params = load_params(params_file, overrides or [])
     run_id = start_pipeline_run(params, "stage: pretrain")
     report_dir = str(Path(params.runtime.artifacts_dir) / "validation" / run_id)
-    try:
+    with failing_pipeline_run(params, run_id, report_dir):
         data = version_data_task(params)
         log_data_version(params, run_id, data)
         validation = validate_gate_task(params, data, report_dir, run_id)
         source = pretrain_task(params, data, run_id)
         log_source_model(params, run_id, source)
         uri = publish_model_dir(params, run_id, source["model_dir"], "source_model")
-    except BaseException as error:
-        fail_pipeline_run(params, run_id, f"{type(error).__name__}: {error}", report_dir)
-        raise
     result = {
         "stage": "pretrain", "mlflow_run_id": run_id, "source_model_uri": uri,
         "weights_sha256": source["weights_sha256"], "source_reused": source["reused"],
@@ -85,7 +82,7 @@ def finetune_flow(
     configure_runtime()  # the process settings, for a worker that imported this flow
     params = load_params(params_file, overrides)
     run_id = start_pipeline_run(params, "stage: finetune")
-    try:
+    with failing_pipeline_run(params, run_id):
         data = version_data_task(params)
         log_data_version(params, run_id, data)
         source = pretrain_task(params, data, run_id)  # resolves the URI: downloads, never trains
@@ -95,9 +92,6 @@ def finetune_flow(
                         if params.finetune.scratch_baseline else [])
         for trained in (*tuned_runs, *scratch_runs):
             trained["model_uri"] = publish_model_dir(params, trained["run_id"], trained["model_dir"], "model_dir")
-    except BaseException as error:
-        fail_pipeline_run(params, run_id, f"{type(error).__name__}: {error}")
-        raise
 
     def portable(trained: dict[str, Any]) -> dict[str, Any]:  # local paths mean nothing elsewhere
         return {k: v for k, v in trained.items() if k != "model_dir"}
@@ -135,7 +129,7 @@ def evaluate_flow(
     configure_runtime()  # the process settings, for a worker that imported this flow
     params = load_params(params_file, overrides or [])
     run_id = start_pipeline_run(params, "stage: evaluate")
-    try:
+    with failing_pipeline_run(params, run_id):
         data = version_data_task(params)
         _same_data(handoff["data"], data)
         log_data_version(params, run_id, data)
@@ -146,9 +140,6 @@ def evaluate_flow(
         decision = promote_task(
             params, data, handoff["source"], evaluation["selected"], evaluation, validation_passed, run_id
         )
-    except BaseException as error:
-        fail_pipeline_run(params, run_id, f"{type(error).__name__}: {error}")
-        raise
     summary = {
         "stage": "evaluate", "mlflow_run_id": run_id,
         **evaluation_summary(evaluation),

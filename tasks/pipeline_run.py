@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +114,23 @@ def fail_pipeline_run(
         )
     tracking.set_tags(client, run_id, {"error": error[:4000]})
     tracking.end_run(client, run_id, ok=False)
+
+
+@contextlib.contextmanager
+def failing_pipeline_run(params: Params, run_id: str, report_dir: str | None = None) -> Iterator[None]:
+    """Around a flow's body: whatever escapes it (an error, Ctrl-C, a Prefect cancel's
+    ``TerminationSignal``) marks the parent run FAILED with the error first, then propagates.
+
+    Not a Prefect ``on_failure`` / ``on_crashed`` / ``on_cancellation`` hook: under a
+    runner (a deployment's flow run, which is how the stage flows run) Prefect runs the
+    cancellation hooks in the runner's process, which knows neither this run id nor the
+    store, so a cancelled run would stay RUNNING; and a hook sees only the flow run's
+    state, not the run id made inside the flow."""
+    try:
+        yield
+    except BaseException as error:
+        fail_pipeline_run(params, run_id, f"{type(error).__name__}: {error}", report_dir)
+        raise
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:

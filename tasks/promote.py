@@ -28,7 +28,6 @@ from mlflow.tracking import MlflowClient
 
 from tasks import tracking
 from tasks.common import stage_task
-from tasks.stage_io import downloaded_model_dir
 from transfer import stages, stats
 from transfer.config import Params
 from transfer.errors import TransferError
@@ -112,7 +111,7 @@ def champion_report(
     params: Params, champion: Any, out_dir: Path
 ) -> tuple[dict[str, Any] | None, str]:
     """Re-score the champion on today's test holdout so the comparison is paired, like for like."""
-    with downloaded_model_dir(f"models:/{params.model_name()}/{champion.version}") as model_dir:
+    with tracking.downloaded(f"models:/{params.model_name()}/{champion.version}") as model_dir:
         try:
             report = stages.evaluate(params, model_dir, out_dir, name=f"champion_v{champion.version}", plots=False)
         except TransferError as error:  # different class set: cannot compare on this test set

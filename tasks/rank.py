@@ -101,10 +101,8 @@ def resolve(params: Params, spec: str, register: bool = True) -> list[Candidate]
         client = tracking.configure(params)
         return [c for uri in _registered(client) for c in resolve(params, uri, register)]
     if spec.startswith(("models:/", "runs:/")):
-        from tasks.stage_io import download_model_dir
-
         tracking.configure(params)
-        model_dir = download_model_dir(spec, tempfile.mkdtemp(prefix="candidate-"))
+        model_dir = tracking.kept_download(spec)  # the chosen one is the run's source model
         name = spec.removeprefix("models:/").split("/")[0].split("@")[0] if spec.startswith("models:/") else spec
         return [_from_dir(model_dir, name, spec)]
     return [local_candidate(spec, params)]
@@ -147,8 +145,7 @@ def ranking_markdown(ranking: Ranking) -> str:
 def log_ranking(params: Params, ranking: Ranking, parent_run_id: str | None = None) -> str:
     """One MLflow run: ranking.json + ranking.md, metrics ``<estimator>.<source>``, the choice."""
     client = tracking.configure(params)
-    run_id = tracking.start_run(client, params, "rank sources", parent_run_id, {"stage": "rank"})
-    try:
+    with tracking.tracked_run(client, params, "rank sources", parent_run_id, {"stage": "rank"}) as run_id:
         tracking.log_params(client, run_id, {"rank_estimator": ranking.estimator, "n_images": ranking.n_images,
                                              "candidates": ",".join(r["name"] for r in ranking.rows)})
         tracking.log_metrics(client, run_id, {
@@ -161,10 +158,6 @@ def log_ranking(params: Params, ranking: Ranking, parent_run_id: str | None = No
             path = Path(tmp) / "ranking.md"
             path.write_text(ranking_markdown(ranking))
             client.log_artifact(run_id, str(path), "ranking")
-    except BaseException:
-        tracking.end_run(client, run_id, ok=False)
-        raise
-    tracking.end_run(client, run_id)
     return run_id
 
 

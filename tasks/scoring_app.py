@@ -19,6 +19,7 @@ downloads the model (any URI ``mlflow models serve`` takes: ``models:/name@alias
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hmac
 import io
@@ -26,6 +27,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -347,6 +349,13 @@ def create_app() -> ASGIApp:
     return Guard(scoring_server.init(model), token, max_body_bytes(model))
 
 
+def _exit_on_stop_signals() -> None:
+    """uvicorn re-raises SIGTERM / SIGHUP once it has shut down gracefully: exit through
+    Python then (exit code 128 + signal, as a shell reports it) so ``finally`` blocks run."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.scoring_app", add_help=False)
     parser.add_argument("-m", "--model-uri", required=True)
@@ -361,22 +370,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    import mlflow
     import uvicorn
     from mlflow.exceptions import MlflowException
 
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=args.model_uri)
-    except MlflowException as error:
-        print(f"error: cannot download {args.model_uri}: {short(error.message)}", file=sys.stderr)
-        return 2
-    os.environ[ENV_MODEL_PATH] = local
-    if args.timeout is not None:
-        os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(args.timeout)
-    uvicorn.run(
-        "tasks.scoring_app:create_app", factory=True, host=args.host, port=args.port,
-        workers=args.workers, log_level="info",
-    )
+    from tasks.tracking import downloaded
+
+    _exit_on_stop_signals()
+    with contextlib.ExitStack() as stack:  # the downloaded model is removed when the server stops
+        try:
+            local = stack.enter_context(downloaded(args.model_uri, model_dir=False))
+        except MlflowException as error:
+            print(f"error: cannot download {args.model_uri}: {short(error.message)}", file=sys.stderr)
+            return 2
+        os.environ[ENV_MODEL_PATH] = str(local)
+        if args.timeout is not None:
+            os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(args.timeout)
+        uvicorn.run(
+            "tasks.scoring_app:create_app", factory=True, host=args.host, port=args.port,
+            workers=args.workers, log_level="info",
+        )
     return 0
 
 

@@ -7,13 +7,7 @@ the same MLflow tracking server (``MLFLOW_TRACKING_URI``).
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-
-import mlflow
 
 from tasks import tracking
 from tasks.common import stage_task
@@ -30,30 +24,10 @@ def publish(params: Params, run_id: str, model_dir: str | Path, artifact_path: s
     return f"runs:/{run_id}/{artifact_path}"
 
 
-def download_model_dir(uri: str, destination: str | Path) -> Path:
-    """Download ``uri`` (``runs:/``, ``models:/``) into ``destination``; the transfer model
-    directory (model.json + model.pt) inside it. The one MLflow -> model-dir download."""
-    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(destination)))
-    found = sorted(p.parent for p in local.rglob("model.json"))
-    if not found:
-        raise TransferError(f"{uri} holds no transfer model (model.json)")
-    return found[0]
-
-
-@contextlib.contextmanager
-def downloaded_model_dir(uri: str) -> Iterator[Path]:
-    """:func:`download_model_dir` into a temporary folder that is removed afterwards."""
-    tmp = tempfile.mkdtemp(prefix="model-")
-    try:
-        yield download_model_dir(uri, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def fetch(params: Params, uri: str) -> str:
-    """Download ``uri`` into a fresh temporary dir (kept: the next tasks read it)."""
+    """Download ``uri``'s model directory (kept until this process ends: the next tasks read it)."""
     tracking.configure(params)
-    return str(download_model_dir(uri, tempfile.mkdtemp(prefix="stage-")))
+    return str(tracking.kept_download(uri))
 
 
 publish_model_dir = stage_task("publish-model-dir")(publish)

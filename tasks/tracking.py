@@ -6,14 +6,17 @@ Runs are addressed by id through ``MlflowClient`` rather than MLflow's fluent
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +163,25 @@ def start_run(
     return run.info.run_id
 
 
+@contextlib.contextmanager
+def tracked_run(
+    client: MlflowClient,
+    params: Params,
+    name: str,
+    parent_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[str]:
+    """A (nested) run for the with-block: FINISHED after it, FAILED if anything escapes it
+    (Ctrl-C included), so no error leaves a run RUNNING. Yields the run id."""
+    run_id = start_run(client, params, name, parent_id, tags)
+    try:
+        yield run_id
+    except BaseException:
+        end_run(client, run_id, ok=False)
+        raise
+    end_run(client, run_id)
+
+
 # ---------------------------------------------------------------- runs left RUNNING
 OWNER_PID, OWNER_HOST, END_REASON = "transfer.pid", "transfer.host", "transfer.end_reason"
 
@@ -218,6 +240,44 @@ def _terminate(client: MlflowClient, run_id: str, status: int, reason: str) -> N
 def end_run(client: MlflowClient, run_id: str, ok: bool = True) -> None:
     status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
     client.set_terminated(run_id, status=status)
+
+
+# ---------------------------------------------------------------- model downloads
+@contextlib.contextmanager
+def downloaded(uri: str, model_dir: bool = True) -> Iterator[Path]:
+    """Download ``uri`` (``runs:/``, ``models:/``) into a temporary folder that is removed
+    when the block ends, also on error. Yields the transfer model directory inside it
+    (model.json + model.pt), or with ``model_dir=False`` the artifact root (a pyfunc model).
+    The one MLflow -> local model download."""
+    tmp = tempfile.mkdtemp(prefix="mlflow-model-")
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp))
+        yield _transfer_model_dir(local, uri) if model_dir else local
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _transfer_model_dir(local: Path, uri: str) -> Path:
+    found = sorted(p.parent for p in local.rglob("model.json"))
+    if not found:
+        raise TransferError(f"{uri} holds no transfer model (model.json)")
+    return found[0]
+
+
+# downloads whose path outlives the function that made it (a later task of the same flow
+# reads it): removed when this process exits, not left in /tmp
+_process_downloads = contextlib.ExitStack()
+_process_downloads_lock = threading.Lock()
+atexit.register(_process_downloads.close)
+
+
+def kept_download(uri: str) -> Path:
+    """:func:`downloaded` (the model directory) kept until this process exits."""
+    download = downloaded(uri)
+    path = download.__enter__()  # outside the lock: threads download side by side
+    with _process_downloads_lock:
+        _process_downloads.push(download)
+    return path
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:

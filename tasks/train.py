@@ -85,10 +85,8 @@ def _resolve_source_reference(reference: str, params: Params) -> Path:
         raise TransferError(
             f"pretrain.source_model={reference!r} is neither a model directory nor an MLflow URI"
         )
-    from tasks.stage_io import download_model_dir
-
     tracking.configure(params)
-    return download_model_dir(reference, tempfile.mkdtemp(prefix="source-"))  # kept: the run reads it
+    return tracking.kept_download(reference)  # the run's later tasks read it
 
 
 def pretrain_source(
@@ -125,10 +123,9 @@ def pretrain_source(
                 "reused": True,
                 "run_id": meta.get("mlflow_run_id"),
             }
-        run_id = tracking.start_run(
+        with tracking.tracked_run(
             client, params, "pretrain", parent_run_id, {"stage": "pretrain"}
-        )
-        try:
+        ) as run_id:
             tracking.log_params(
                 client,
                 run_id,
@@ -152,10 +149,6 @@ def pretrain_source(
                 },
             )
             _stamp_run_id(Path(trained.model_dir), run_id)
-        except BaseException:
-            tracking.end_run(client, run_id, ok=False)
-            raise
-        tracking.end_run(client, run_id)
         return {
             "model_dir": trained.model_dir,
             "weights_sha256": trained.info["weights_sha256"],
@@ -199,11 +192,10 @@ def _train_target(
     out = Path(params.runtime.artifacts_dir) / kind / content_key(*inputs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "inputs.json").write_text(json.dumps(inputs, indent=1, default=str))  # what keyed this dir
-    run_id = tracking.start_run(
+    with tracking.tracked_run(
         client, params, f"{kind} seed {params.runtime.seed}", parent_run_id,
         {"stage": kind, "strategy": strategy, "seed": str(params.runtime.seed)},
-    )
-    try:
+    ) as run_id:
         with FileLock(str(out) + ".lock"):
             tracking.log_params(
                 client,
@@ -235,10 +227,6 @@ def _train_target(
                     "source_weights_sha256": source["weights_sha256"] if source else None,
                 },
             )
-    except BaseException:
-        tracking.end_run(client, run_id, ok=False)
-        raise
-    tracking.end_run(client, run_id)
     return {
         "model_dir": trained.model_dir,
         "strategy": strategy,

@@ -105,9 +105,9 @@ def test_promote_reject_rollback_and_serve_batch(dvc_repo: Path) -> None:
         pd.DataFrame({"image": [_png_b64(d) for d in digits]}))
     meta_t = float(client.get_model_version(NAME, first["model_version"]).tags["temperature"])
     from transfer.predict import Predictor
-    from tasks.promote import downloaded_model_dir
+    from tasks.tracking import downloaded
 
-    with downloaded_model_dir(f"models:/{NAME}/{first['model_version']}") as model_dir:
+    with downloaded(f"models:/{NAME}/{first['model_version']}") as model_dir:
         predictor = Predictor.from_dir(model_dir)
         assert predictor.temperature == pytest.approx(meta_t) and meta_t != 1.0
         uncalibrated = Predictor.from_dir(model_dir)
@@ -161,6 +161,7 @@ def test_crash_in_finetune_leaves_registry_alone_and_rerun_resumes(
     dvc_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from transfer import stages
+    from transfer.strategies import freeze
     from transfer.train import CrashAfterEpoch
 
     real_fit, calls, resumed = stages.fit, [], []
@@ -178,6 +179,7 @@ def test_crash_in_finetune_leaves_registry_alone_and_rerun_resumes(
         return result
 
     monkeypatch.setattr(stages, "fit", flaky_fit)
+    monkeypatch.setattr(freeze, "fit", flaky_fit)  # the fine-tune strategies call fit from there
     with pytest.raises(RuntimeError, match="worker lost"):
         _run()
     assert len(calls) == 3  # first try + 2 retries with backoff

@@ -70,3 +70,118 @@ def test_promotion_without_a_prefect_api_is_serialised_by_the_file_lock_alone(
         assert held == "file lock"
         with pytest.raises(TimeoutError):
             FileLock(str(tmp_path / ".promote-digits-transfer.lock")).acquire(timeout=0.2)
+
+
+def _store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[object, object]:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    params = params_from_dict({"runtime": {"experiment": "run-lifecycle"}})
+    return tracking.configure(params), params
+
+
+@pytest.mark.parametrize("error", [ValueError("bad"), KeyboardInterrupt()])
+def test_a_tracked_run_that_raises_is_failed_not_left_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    client, params = _store(tmp_path, monkeypatch)
+    with pytest.raises(type(error)):
+        with tracking.tracked_run(client, params, "doomed", tags={"stage": "x"}) as run_id:
+            raise error
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["stage"] == "x"
+
+
+def test_a_tracked_run_nests_under_its_parent_and_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, params = _store(tmp_path, monkeypatch)
+    with tracking.tracked_run(client, params, "parent") as parent:
+        with tracking.tracked_run(client, params, "child", parent) as child:
+            assert client.get_run(child).info.status == "RUNNING"
+    assert client.get_run(child).data.tags["mlflow.parentRunId"] == parent
+    assert {client.get_run(r).info.status for r in (parent, child)} == {"FINISHED"}
+
+
+def _published_model(tmp_path: Path, client: object, params: object) -> str:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.json").write_text("{}")
+    with tracking.tracked_run(client, params, "publish") as run_id:
+        client.log_artifacts(run_id, str(model), "model_dir")
+    return f"runs:/{run_id}/model_dir"
+
+
+def test_a_downloaded_model_folder_is_removed_after_the_block_also_on_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, params = _store(tmp_path, monkeypatch)
+    uri = _published_model(tmp_path, client, params)
+    with tracking.downloaded(uri) as model_dir:
+        assert (model_dir / "model.json").exists()
+    assert not model_dir.exists()
+    with pytest.raises(RuntimeError):
+        with tracking.downloaded(uri, model_dir=False) as root:
+            assert (root / "model.json").exists()
+            raise RuntimeError("the caller failed")
+    assert not root.exists()
+
+
+def test_a_download_without_a_transfer_model_is_one_error_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transfer.errors import TransferError
+
+    client, params = _store(tmp_path, monkeypatch)
+    with tracking.tracked_run(client, params, "empty") as run_id:
+        tracking.log_json(client, run_id, {"a": 1}, "other/a.json")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", None)  # re-read TMPDIR
+    with pytest.raises(TransferError, match="holds no transfer model"):
+        with tracking.downloaded(f"runs:/{run_id}/other"):
+            pass
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_kept_download_lives_until_its_process_exits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    client, params = _store(tmp_path, monkeypatch)
+    uri = _published_model(tmp_path, client, params)
+    script = (
+        "import sys; from tasks import tracking; from transfer.config import params_from_dict\n"
+        "tracking.configure(params_from_dict({'runtime': {'experiment': 'run-lifecycle'}}))\n"
+        f"path = tracking.kept_download({uri!r}); print(path, (path / 'model.json').exists())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    path, existed = out.stdout.split()
+    assert existed == "True"
+    assert not Path(path).exists()
+
+
+@pytest.mark.parametrize("error", [ValueError("bad input"), KeyboardInterrupt()])
+def test_a_flow_body_that_raises_fails_its_parent_run_with_the_error(
+    prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    from prefect import flow
+
+    from tasks.pipeline_run import failing_pipeline_run, start_pipeline_run
+
+    client, params = _store(tmp_path, monkeypatch)
+    started: list[str] = []
+
+    @flow
+    def doomed() -> None:
+        run_id = start_pipeline_run(params, "doomed")
+        started.append(run_id)
+        with failing_pipeline_run(params, run_id):
+            raise error
+
+    with pytest.raises(type(error)):
+        doomed()
+    run = client.get_run(started[0])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith(type(error).__name__)

@@ -300,9 +300,11 @@ def test_scoring_server_over_http(registry, tmp_path: Path) -> None:
         """
     )
     log = (tmp_path / "server.log").open("w+")
+    tmp = tmp_path / "tmp"  # where the server downloads the model
+    tmp.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-c", script], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
+        start_new_session=True, env={**os.environ, "TMPDIR": str(tmp)},
     )
     try:
         try:
@@ -311,6 +313,7 @@ def test_scoring_server_over_http(registry, tmp_path: Path) -> None:
             log.seek(0)
             pytest.fail(f"server did not start:\n{log.read()[-4000:]}")
 
+        assert len(list(tmp.glob("mlflow-model-*/**/MLmodel"))) == 1  # served from there
         images = [png(seed) for seed in range(6)]
         expected = [row["label"] for row in registry["predictor"].predict(images)]
         status, text = post(url, invocations_payload([b64(i) for i in images]))
@@ -345,6 +348,7 @@ def test_scoring_server_over_http(registry, tmp_path: Path) -> None:
 
         proc.send_signal(signal.SIGTERM)  # serve() forwards it to the mlflow CLI + uvicorn
         assert proc.wait(timeout=30) == 0  # a requested stop is a clean exit
+        assert list(tmp.glob("mlflow-model-*")) == []  # the downloaded model went with the server
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     finally:
