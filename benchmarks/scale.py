@@ -293,7 +293,7 @@ def plot(rows: list[dict]) -> None:
         ax2.plot(xs, [p[2] for p in pts], marker="o", label=name)
     for ax, label in ((ax1, "ms per image"), (ax2, "peak RSS (MB)")):
         ax.set_xscale("log")
-        ax.set_xlabel("images (N; train split for decode/epoch/plain)")
+        ax.set_xlabel("images (N; the train split for decode and later phases)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     ax1.legend()
