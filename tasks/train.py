@@ -188,7 +188,7 @@ def _train_target(
          "calibration": params.evaluate.model_dump(mode="json", include={"calibrate", "calibration_bins"})},
     ]
     if kind == "finetune" and get_strategy(strategy).needs_source_data:  # DANN trains on source images
-        inputs.append({"source_data_version": data["source"]["version"]})
+        inputs.append({"source_data_version": (data.get("source") or {}).get("version")})
     out = Path(params.runtime.artifacts_dir) / kind / content_key(*inputs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "inputs.json").write_text(json.dumps(inputs, indent=1, default=str))  # what keyed this dir
