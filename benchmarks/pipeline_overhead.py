@@ -226,7 +226,7 @@ def prefect_start_costs(base: Path, repeats: int) -> dict[str, dict[str, Any]]:
 MLFLOW_STORE = """
 import os, sys, time
 from transfer.config import load_params
-from tasks import tracking
+from tasks.adapters import tracking
 params = load_params(sys.argv[1])
 t = time.perf_counter(); tracking.configure(params); print(time.perf_counter() - t)
 """

@@ -1,7 +1,7 @@
 """Serving load test: MLflow's scoring server vs the same model called in-process.
 
 Starts the scoring server ``transfer serve`` runs (MLflow's scoring app behind the guard of
-``tasks/scoring_app.py``) on loopback for a registered model, sends
+``tasks/adapters/scoring_app.py``) on loopback for a registered model, sends
 a bounded number of requests (base64 PNGs, ``dataframe_split``) from a fixed number of client
 threads with keep-alive connections, and reports requests/s, images/s and p50/p99 latency per
 batch size. In the same run, two in-process baselines on the same batches:
@@ -41,7 +41,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks.serve import serve_env, start_server, stop_server, wait_until_ready  # noqa: E402
+from tasks.adapters.serve import serve_env, start_server, stop_server, wait_until_ready  # noqa: E402
 from transfer.predict import Predictor  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "serve_load.md"
@@ -114,7 +114,7 @@ def register_model_dir(model_dir: Path, workdir: Path) -> tuple[str, str]:
     """Log ``model_dir`` into a temp sqlite registry as bench@champion -> (uri, tracking uri)."""
     import mlflow
 
-    from tasks.pyfunc_model import log_pyfunc_model
+    from tasks.adapters.pyfunc_model import log_pyfunc_model
 
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking)
@@ -298,7 +298,7 @@ def render(results: list[Result], source: str, startup: float, args: argparse.Na
         f"torch {torch.__version__} ({torch.get_num_threads()} CPU thread(s) in server and baselines), "
         "CPU only, "
         f"Python {platform.python_version()}.",
-        "Server: MLflow's scoring app behind `tasks.scoring_app` (what `transfer serve` runs), "
+        "Server: MLflow's scoring app behind `tasks.adapters.scoring_app` (what `transfer serve` runs), "
         "1 uvicorn worker, on 127.0.0.1; "
         f"started (registry download + model load) in {startup:.1f} s.",
         f"HTTP clients: {args.threads} threads with keep-alive connections, base64 PNG "

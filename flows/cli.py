@@ -77,7 +77,7 @@ def run(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) 
 
     resolve_strategy(params)  # and an unknown finetune.strategy (checked by the registry, not config)
     from flows.prefect_api import running_prefect_api
-    from tasks import tracking
+    from tasks.adapters import tracking
     from tasks.common import quiet_user_errors_on_console
 
     quiet_user_errors_on_console()
@@ -139,8 +139,8 @@ def runs(
     limit: Annotated[int, typer.Option(help="how many runs")] = 10,
 ) -> None:
     """Recent pipeline runs from MLflow with their accuracy and promotion outcome."""
-    from tasks import tracking
-    from tasks.history import recent_runs
+    from tasks.adapters import tracking
+    from tasks.adapters.history import recent_runs
 
     params = _params(params_file, overrides)
     tracking.fail_orphaned_runs(tracking.configure(params), params)  # so none reads RUNNING forever
@@ -169,8 +169,8 @@ def serve(
         "--model-uri", "-m", help="any model URI, e.g. models:/<name>/3 or models:/<name>@<alias>")] = None,
 ) -> None:
     """Serve models:/<name>@<alias> (or a version, or a URI) with MLflow's scoring app (POST /invocations)."""
-    from tasks.serve import serve as run_server
-    from tasks.tracking import tracking_uri
+    from tasks.adapters.serve import serve as run_server
+    from tasks.adapters.tracking import tracking_uri
 
     params = _params(params_file, overrides)
     raise typer.Exit(run_server(
@@ -187,8 +187,8 @@ def predict(
     alias: Annotated[str | None, typer.Option(help="registry alias (default serve.alias)")] = None,
 ) -> None:
     """Classify image files offline with the registered model (same code path as the server)."""
-    from tasks.serve import model_uri, predict_files
-    from tasks.tracking import tracking_uri
+    from tasks.adapters.serve import model_uri, predict_files
+    from tasks.adapters.tracking import tracking_uri
 
     params = _params(params_file, overrides)
     rows = predict_files(images, model_uri(params, alias), tracking_uri(params))

@@ -29,7 +29,7 @@ from tasks.pipeline_run import (
 )
 from tasks.promote import promote_task
 from tasks.retrain import changed_datasets, data_fingerprint
-from tasks.stage_io import fetch_model_dir, publish_model_dir
+from tasks.adapters.stage_io import fetch_model_dir, publish_model_dir
 from tasks.train import finetune_task, pretrain_task, scratch_task
 from tasks.validate_gate import validate_gate_task
 from transfer.config import load_params

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks import tracking
+from tasks.adapters import tracking
 from tasks.common import stage_task
 from transfer import stages, stats
 from transfer.config import Params

@@ -16,7 +16,7 @@ from mlflow.entities import DatasetInput, InputTag
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks import tracking
+from tasks.adapters import tracking
 from transfer.config import Params
 
 

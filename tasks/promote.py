@@ -26,7 +26,7 @@ from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks import tracking
+from tasks.adapters import tracking
 from tasks.common import stage_task
 from transfer import stages, stats
 from transfer.config import Params
@@ -152,7 +152,7 @@ def decide(
 
 
 def _register(params: Params, tuned: dict[str, Any], tags: dict[str, Any]) -> Any:
-    from tasks.pyfunc_model import log_pyfunc_model
+    from tasks.adapters.pyfunc_model import log_pyfunc_model
 
     info = log_pyfunc_model(
         tuned["model_dir"], name="model", registered_model_name=params.model_name(),

@@ -14,7 +14,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from tasks import tracking
+from tasks.adapters import tracking
 from transfer import stages
 from transfer.config import Params
 from transfer.data import dataset_version, prepare_source

@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
-from tasks import tracking
+from tasks.adapters import tracking
 from tasks.common import stage_task
 from transfer import checks as sense
 from transfer import report as core

@@ -22,7 +22,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import task
 
-from tasks import tracking
+from tasks.adapters import tracking
 from tasks.promote import CHAMPION, alias_version
 from transfer.config import Params
 

@@ -20,7 +20,7 @@ from typing import Any
 from filelock import FileLock
 from prefect.context import TaskRunContext
 
-from tasks import tracking
+from tasks.adapters import tracking
 from tasks.common import core_logs_in_prefect, stage_task
 from transfer import fingerprint, stages
 from transfer.config import Params

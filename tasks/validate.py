@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks._gx import MAX_FAILING_ROWS, Check, CheckResult, expectations, run_suite
+from tasks.adapters.gx import MAX_FAILING_ROWS, Check, CheckResult, expectations, run_suite
 from transfer import checks as sense
 from transfer.config import Params, ValidateParams
 from transfer.data.manifest import (

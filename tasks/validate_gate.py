@@ -8,7 +8,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import tracking
+from tasks.adapters import tracking
 from tasks.validate import validate_stage
 from transfer.config import Params
 

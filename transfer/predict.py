@@ -1,6 +1,6 @@
 """Inference on a saved model dir: decode and check what a client sends, predict class names.
 
-Pure core (torch, numpy, PIL; no MLflow): the MLflow pyfunc wrapper (``tasks/pyfunc_model.py``),
+Pure core (torch, numpy, PIL; no MLflow): the MLflow pyfunc wrapper (``tasks/adapters/pyfunc_model.py``),
 the offline ``transfer predict`` command and the benchmarks all go through ``Predictor``, so
 serving preprocesses exactly like training: image -> ``to_array`` (mode, square resize, or
 the torchvision weights' resize + centre crop recorded in ``model.json``) -> uint8

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tasks.serve import invocations_payload, predict_files, wait_until_ready
+from tasks.adapters.serve import invocations_payload, predict_files, wait_until_ready
 from tests.conftest import BIN, free_port, write_yaml
 from tests.container.conftest import PARAMS, QUIET_ENV, docker, run_args, workspace
 from tests.serving.test_serving import assert_client_error, b64, png

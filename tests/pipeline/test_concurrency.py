@@ -43,7 +43,7 @@ def test_two_runs_open_a_new_mlflow_store_at_once(tmp_path: Path) -> None:
     """Both create the same new sqlite store: one creates the schema, the other waits."""
     db = tmp_path / "store" / "mlflow.db"
     code = (
-        "import json, os; from tasks import tracking; from transfer.config import params_from_dict\n"
+        "import json, os; from tasks.adapters import tracking; from transfer.config import params_from_dict\n"
         f"os.environ['MLFLOW_TRACKING_URI'] = 'sqlite:///{db}'\n"
         "client = tracking.configure(params_from_dict({}))\n"
         "print(json.dumps(tracking.experiment_id(client, params_from_dict({}))))"

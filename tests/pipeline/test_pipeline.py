@@ -105,7 +105,7 @@ def test_promote_reject_rollback_and_serve_batch(dvc_repo: Path) -> None:
         pd.DataFrame({"image": [_png_b64(d) for d in digits]}))
     meta_t = float(client.get_model_version(NAME, first["model_version"]).tags["temperature"])
     from transfer.predict import Predictor
-    from tasks.tracking import downloaded
+    from tasks.adapters.tracking import downloaded
 
     with downloaded(f"models:/{NAME}/{first['model_version']}") as model_dir:
         predictor = Predictor.from_dir(model_dir)

@@ -129,7 +129,7 @@ def test_report_for_run_reads_the_run_sweeps_and_logs(tmp_path: Path, monkeypatc
     assert again["curves"] == data["sample_efficiency"]["curves"]
 
     # `transfer runs`: the strategy auto resolved to, and the model's name
-    from tasks.history import recent_runs
+    from tasks.adapters.history import recent_runs
 
     row = recent_runs(caller)[0]
     assert row["run_id"] == run_id and row["strategy"] == summary["strategy"] != "auto"

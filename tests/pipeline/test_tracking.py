@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tracking
+from tasks.adapters import tracking
 from transfer.config import params_from_dict
 
 
@@ -152,7 +152,7 @@ def test_a_kept_download_lives_until_its_process_exits(
     client, params = _store(tmp_path, monkeypatch)
     uri = _published_model(tmp_path, client, params)
     script = (
-        "import sys; from tasks import tracking; from transfer.config import params_from_dict\n"
+        "import sys; from tasks.adapters import tracking; from transfer.config import params_from_dict\n"
         "tracking.configure(params_from_dict({'runtime': {'experiment': 'run-lifecycle'}}))\n"
         f"path = tracking.kept_download({uri!r}); print(path, (path / 'model.json').exists())\n"
     )

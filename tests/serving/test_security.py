@@ -28,10 +28,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks import tracking
-from tasks.pyfunc_model import log_pyfunc_model
-from tasks.scoring_app import MAX_MESSAGE, clean_error, short
-from tasks.serve import bind_warning, invocations_payload, probe_url, redact, resolve_model
+from tasks.adapters import tracking
+from tasks.adapters.pyfunc_model import log_pyfunc_model
+from tasks.adapters.scoring_app import MAX_MESSAGE, clean_error, short
+from tasks.adapters.serve import bind_warning, invocations_payload, probe_url, redact, resolve_model
 from tests.serving.test_serving import (  # noqa: F401  (registry: a module fixture)
     CLASSES,
     MAX_BATCH,

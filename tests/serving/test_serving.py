@@ -30,14 +30,14 @@ import yaml
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from tasks.pyfunc_model import (
+from tasks.adapters.pyfunc_model import (
     REQUIREMENTS,
     ServingInputError,
     dataframe_to_rows,
     log_pyfunc_model,
     pip_requirements,
 )
-from tasks.serve import (
+from tasks.adapters.serve import (
     check_alias,
     invocations_payload,
     predict_files,
@@ -160,7 +160,7 @@ def test_tensor_rows_and_mixed_rows(registry, champion) -> None:
 
 
 def test_input_errors_are_400s_and_user_errors(champion) -> None:
-    # the loaded model runs its own copy of tasks/pyfunc_model.py: catch the shared bases
+    # the loaded model runs its own copy of tasks/adapters/pyfunc_model.py: catch the shared bases
     with pytest.raises(InputError) as caught:
         champion.predict(pd.DataFrame({"image": [b64(png(1)), "%%% not base64"]}))
     error = caught.value
@@ -236,7 +236,7 @@ def test_loads_from_another_cwd_without_the_installed_package(registry, tmp_path
 
 def test_serve_command_uses_this_environment() -> None:
     argv = serve_command("models:/m@champion", "0.0.0.0", 5001)
-    assert argv[:3] == [sys.executable, "-m", "tasks.scoring_app"]  # MLflow's app, guarded
+    assert argv[:3] == [sys.executable, "-m", "tasks.adapters.scoring_app"]  # MLflow's app, guarded
     assert argv[3:] == ["-m", "models:/m@champion", "-h", "0.0.0.0", "-p", "5001"]
     env = serve_env("sqlite:///x.db", max_batch=4, max_image_bytes=10, base={"PATH": "/usr/bin"})
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)  # our uvicorn
@@ -291,7 +291,7 @@ def test_scoring_server_over_http(registry, tmp_path: Path) -> None:
         f"""
         import sys
         from transfer.config import load_params
-        from tasks.serve import serve
+        from tasks.adapters.serve import serve
         params = load_params(None, [
             "promote.model_name={NAME}", "serve.max_batch={MAX_BATCH}",
             "serve.max_image_bytes={MAX_IMAGE_BYTES}",

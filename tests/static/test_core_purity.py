@@ -57,8 +57,8 @@ def test_no_core_module_names_the_glue() -> None:
 
 def test_the_static_check_sees_a_lazy_glue_import(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
-    module.write_text("import json\n\ndef f():\n    from tasks.tracking import configure\n    import mlflow.pyfunc\n")
-    assert glue_imports(module) == ["4: tasks.tracking", "5: mlflow.pyfunc"]
+    module.write_text("import json\n\ndef f():\n    from tasks.adapters.tracking import configure\n    import mlflow.pyfunc\n")
+    assert glue_imports(module) == ["4: tasks.adapters.tracking", "5: mlflow.pyfunc"]
 
 
 IMPORT_EACH = """

@@ -25,7 +25,7 @@ from tests.topology.servers import (
     MODEL_NAME, MlflowServer, PrefectServer, check_serialised_promotions, clean_env, decision_of, http_json,
     machine, tracked_text,
 )
-from tasks.mlflow_users import ensure_user
+from tasks.adapters.mlflow_users import ensure_user
 from tasks.promote import concurrency_limit_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -155,7 +155,7 @@ def test_only_authenticated_writers_register_versions_or_move_the_champion(
     owner.set_registered_model_alias(name, "champion", first.version)
 
     reader = ("reader", secrets.token_urlsafe(12))
-    as_user(mlflow_pg.admin)  # tasks.mlflow_users runs as the admin, like compose's mlflow-users
+    as_user(mlflow_pg.admin)  # tasks.adapters.mlflow_users runs as the admin, like compose's mlflow-users
     assert ensure_user(mlflow_pg.url, *reader) and not ensure_user(mlflow_pg.url, *reader)  # idempotent
     refused = {"no credentials": (None, 401), "wrong password": ((mlflow_pg.pipeline[0], "wrong"), 401),
                "read-only user": (reader, 403)}

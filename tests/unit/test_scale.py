@@ -98,7 +98,7 @@ def test_pyfunc_input_path_matches_torchvision_transforms(resnet_file: Path, tmp
     from mlflow.pyfunc import PythonModelContext
     from torchvision.models import ResNet18_Weights
 
-    from tasks.pyfunc_model import MODEL_DIR_ARTIFACT, TransferPyfuncModel
+    from tasks.adapters.pyfunc_model import MODEL_DIR_ARTIFACT, TransferPyfuncModel
 
     prep = weights_preprocessing("resnet18", resnet_file, channels=3, image_size=None)
     model = create_model("resnet18", 2, 3, weights=resnet_file, preprocessing=prep)

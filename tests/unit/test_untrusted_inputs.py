@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.serve import encode_file
+from tasks.adapters.serve import encode_file
 from transfer.config import DataParams, load_params
 from transfer.data import images as image_limits
 from transfer.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_image, set_pixel_limit

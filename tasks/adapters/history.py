@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from tasks import tracking
+from tasks.adapters import tracking
 from transfer.config import Params
 from transfer.stats import format_p
 

@@ -259,6 +259,6 @@ def log_pyfunc_model(
 
 
 # Model from code: when MLflow loads this file (as ``code_model_<hex>``, not as the package
-# module ``tasks.pyfunc_model``) it takes the model object set here.
-if __name__ != "tasks.pyfunc_model":
+# module ``tasks.adapters.pyfunc_model``) it takes the model object set here.
+if __name__ != "tasks.adapters.pyfunc_model":
     mlflow.models.set_model(TransferPyfuncModel())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks import tracking
+from tasks.adapters import tracking
 from tasks.common import stage_task
 from transfer.config import Params
 from transfer.errors import TransferError

@@ -1,9 +1,9 @@
 """Serve a registered model with MLflow's scoring app; predict image files offline.
 
-``transfer serve`` runs ``python -m tasks.scoring_app -m models:/<name>/<version>`` in this
+``transfer serve`` runs ``python -m tasks.adapters.scoring_app -m models:/<name>/<version>`` in this
 same Python environment: MLflow's scoring app (what ``mlflow models serve --env-manager local``
 runs) behind a guard for the bearer token, body limits and error replies without echo (see
-``tasks/scoring_app.py``). The alias (or ``--version``, or a whole URI) is resolved to one
+``tasks/adapters/scoring_app.py``). The alias (or ``--version``, or a whole URI) is resolved to one
 version first, so the version printed is the version served. The server loads the model once
 at start: to serve a newly promoted champion, restart it (see docs/deploy.md).
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tasks.tracking import redact
+from tasks.adapters.tracking import redact
 from transfer.config import Params
 from transfer.errors import DataError, TransferError
 
@@ -49,8 +49,8 @@ def version_uri(name: str, version: str | int) -> str:
 def serve_command(
     model_uri: str, host: str, port: int, workers: int = 1, timeout: int | None = None
 ) -> list[str]:
-    """argv of the guarded scoring server (``tasks.scoring_app``) run by this interpreter."""
-    argv = [sys.executable, "-m", "tasks.scoring_app", "-m", model_uri, "-h", host, "-p", str(port)]
+    """argv of the guarded scoring server (``tasks.adapters.scoring_app``) run by this interpreter."""
+    argv = [sys.executable, "-m", "tasks.adapters.scoring_app", "-m", model_uri, "-h", host, "-p", str(port)]
     if workers != 1:
         argv += ["-w", str(workers)]
     if timeout is not None:
@@ -75,7 +75,7 @@ def serve_env(
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
         env["MLFLOW_REGISTRY_URI"] = tracking_uri
-    from tasks.pyfunc_model import ENV_MAX_BATCH, ENV_MAX_IMAGE_BYTES, ENV_MAX_IMAGE_PIXELS
+    from tasks.adapters.pyfunc_model import ENV_MAX_BATCH, ENV_MAX_IMAGE_BYTES, ENV_MAX_IMAGE_PIXELS
 
     if max_batch is not None:
         env[ENV_MAX_BATCH] = str(max_batch)
@@ -83,7 +83,7 @@ def serve_env(
         env[ENV_MAX_IMAGE_BYTES] = str(max_image_bytes)
     if max_image_pixels is not None:
         env[ENV_MAX_IMAGE_PIXELS] = str(max_image_pixels)
-    from tasks.scoring_app import ENV_AUTH_TOKEN_ENV
+    from tasks.adapters.scoring_app import ENV_AUTH_TOKEN_ENV
 
     env.pop(ENV_AUTH_TOKEN_ENV, None)  # params decide, not a stale variable
     if auth_token_env:
@@ -250,8 +250,8 @@ def serve(
     SIGTERM / SIGINT / SIGHUP are forwarded to the server's process group, so
     ``docker stop`` (this process may be PID 1) and Ctrl-C shut uvicorn down cleanly.
     """
-    from tasks.scoring_app import ConfigError, auth_token
-    from tasks.tracking import tracking_uri as default_tracking_uri
+    from tasks.adapters.scoring_app import ConfigError, auth_token
+    from tasks.adapters.tracking import tracking_uri as default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri(params)
     token_env = params.serve.auth_token_env

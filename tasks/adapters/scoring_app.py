@@ -1,6 +1,6 @@
 """The scoring server process: MLflow's pyfunc scoring app behind a guard.
 
-``transfer serve`` runs ``python -m tasks.scoring_app -m <model uri> -h HOST -p PORT``: it
+``transfer serve`` runs ``python -m tasks.adapters.scoring_app -m <model uri> -h HOST -p PORT``: it
 downloads the model (any URI ``mlflow models serve`` takes: ``models:/name@alias``,
 ``models:/name/3``, ``runs:/...``), then runs uvicorn on MLflow's own app
 (``mlflow.pyfunc.scoring_server.init``: same endpoints, same request formats) wrapped in
@@ -47,7 +47,7 @@ ENV_MODEL_PATH = "__pyfunc_model_path__"  # what mlflow.pyfunc.scoring_server.ap
 OPEN_PATHS = frozenset({"/health", "/ping"})  # liveness probes: no model output, no token
 MIN_TOKEN_CHARS = 16  # guessable tokens are no protection
 MAX_MESSAGE = 300  # characters of an error message a reply may carry
-COLUMNS = ("image", "tensor")  # tasks.pyfunc_model.IMAGE_COLUMN / TENSOR_COLUMN
+COLUMNS = ("image", "tensor")  # tasks.adapters.pyfunc_model.IMAGE_COLUMN / TENSOR_COLUMN
 FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 
@@ -357,7 +357,7 @@ def _exit_on_stop_signals() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.scoring_app", add_help=False)
+    parser = argparse.ArgumentParser(prog="python -m tasks.adapters.scoring_app", add_help=False)
     parser.add_argument("-m", "--model-uri", required=True)
     parser.add_argument("-h", "--host", default="127.0.0.1")
     parser.add_argument("-p", "--port", type=int, default=5001)
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
     from mlflow.exceptions import MlflowException
 
-    from tasks.tracking import downloaded
+    from tasks.adapters.tracking import downloaded
 
     _exit_on_stop_signals()
     with contextlib.ExitStack() as stack:  # the downloaded model is removed when the server stops
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.timeout is not None:
             os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(args.timeout)
         uvicorn.run(
-            "tasks.scoring_app:create_app", factory=True, host=args.host, port=args.port,
+            "tasks.adapters.scoring_app:create_app", factory=True, host=args.host, port=args.port,
             workers=args.workers, log_level="info",
         )
     return 0

@@ -1,5 +1,5 @@
 """Create the pipeline's MLflow user on a basic-auth tracking server (docker-compose.yml's
-one-shot ``mlflow-users`` service): ``python -m tasks.mlflow_users``.
+one-shot ``mlflow-users`` service): ``python -m tasks.adapters.mlflow_users``.
 
 Runs as the MLflow admin (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD); the new
 user's name and password come from MLFLOW_PIPELINE_USERNAME / MLFLOW_PIPELINE_PASSWORD.
