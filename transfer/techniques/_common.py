@@ -1,13 +1,10 @@
-"""Small helpers shared by the techniques: state snapshots, feature taps, batch walks."""
+"""Small helpers shared by the techniques: state snapshots, frozen teachers, feature taps."""
 
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from transfer.errors import TransferError
@@ -32,12 +29,6 @@ def body_of(model: nn.Module) -> nn.Module:
     if not isinstance(body, nn.Module):
         raise TransferError(f"{type(model).__name__} has no .body: expected a TransferNet")
     return body
-
-
-def index_batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[Tensor]:
-    """Index batches over ``n`` items: shuffled by ``generator``, in order when it is None."""
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    yield from order.split(batch_size)
 
 
 class FeatureTap:
@@ -83,13 +74,3 @@ class FeatureTap:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class Timer:
-    """Seconds since construction (for epoch records)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start

@@ -9,7 +9,6 @@ features that the domain classifier cannot separate, i.e. features that transfer
 from __future__ import annotations
 
 import copy
-import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,6 @@ from transfer.train import (
     seed_everything,
 )
 
-log = logging.getLogger(__name__)
 
 SOURCE_DOMAIN, TARGET_DOMAIN = 0, 1
 
@@ -125,18 +123,16 @@ class DannObjective(Objective):
         self.target_images = target.images.to(device)
         self.total_steps, self.lambda_max = max(total_steps, 1), lambda_max
         self.steps = 0  # optimizer steps so far (the lambda ramp's progress)
-        self._order: Tensor | None = None  # the current pass over the target images
+        self._batches: tuple[Tensor, ...] = ()  # the current pass over the target images
         self._next = 0  # its next batch
         self.lambd, self.lr = 0.0, 0.0
         self._sums = [0.0, 0.0, 0]  # class loss, domain loss (summed over samples), samples
 
     def _target_batch(self, loop: _Loop, size: int) -> Tensor:
-        bs = loop.cfg.batch_size
-        if self._order is None or self._next * bs >= len(self._order):
-            self._order, self._next = torch.cat(index_batches(len(self.target), bs, loop.shuffle)), 0
-        idx = self._order[self._next * bs : (self._next + 1) * bs]
+        if self._next >= len(self._batches):
+            self._batches, self._next = index_batches(len(self.target), loop.cfg.batch_size, loop.shuffle), 0
         self._next += 1
-        return idx[:size]
+        return self._batches[self._next - 1][:size]
 
     def inputs(self, loop: _Loop, x: Tensor, idx: Tensor, shard: tuple[int, int, int] | None) -> Tensor:
         target = to_float(self.target_images[self._target_batch(loop, len(idx))])
@@ -175,10 +171,10 @@ class DannObjective(Objective):
         return record
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "order": self._order, "next": self._next}
+        return {"steps": self.steps, "target_batches": list(self._batches), "next": self._next}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps, self._order, self._next = state["steps"], state["order"], state["next"]
+        self.steps, self._batches, self._next = state["steps"], tuple(state["target_batches"]), state["next"]
 
 
 class _DomainClassifier(nn.Module):
