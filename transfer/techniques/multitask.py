@@ -10,7 +10,6 @@ target data needs no extra labels. Two ways to train:
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,12 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transfer import freezing
 from transfer.config import FinetuneParams, OptimParams
 from transfer.data import ImageTensors
 from transfer.errors import DataError, TransferError
-from transfer.techniques._common import FeatureTap
-from transfer.train import Features, Objective, StepOut, _Loop, accuracy, fit, seed_everything
+from transfer.techniques._common import FeatureTap, fit_full, full_finetune_copy
+from transfer.train import Features, Objective, StepOut, _Loop, accuracy, fit
 
 MAIN_TASK = "class"
 
@@ -307,23 +305,14 @@ def run_multitask(
             f"got {params.multitask_weights}"
         )
     w_main, w_parity = params.multitask_weights
-    seed_everything(seed)  # the new head's init depends on the seed only
-    model = copy.deepcopy(source_model)
-    model.reset_classifier(train.num_classes)
-    freezing.apply_freeze(model, "full")
+    model = full_finetune_copy(source_model, train.num_classes, seed)
     aux = AuxiliaryTasks(
         model.feature_dim, {"parity": parity_table(train.classes)}, w_main, {"parity": w_parity},
         params.label_smoothing,
     )
-    groups = freezing.param_groups(
-        model, params.lr, body_lr_mult=params.body_lr_mult, layer_decay=params.layer_decay
-    )
-    groups.append({"params": aux.parameters(), "lr": params.lr, "name": "aux-heads"})
     try:
-        result = fit(
-            model, train, val, params, device=device, seed=seed, param_groups=groups,
-            extra_loss=aux, progress=progress, desc="finetune (multitask)",
-        )
+        history = fit_full(model, aux, train, val, params, device, seed, progress, "multitask",
+                           extra_groups=[{"params": aux.parameters(), "lr": params.lr, "name": "aux-heads"}])
     finally:
         aux.close()
-    return model, [stats.as_dict() for stats in result.history]
+    return model, history
