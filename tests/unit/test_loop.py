@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from transfer.config import OptimParams
 from transfer.data import ImageTensors
+from transfer.errors import TransferError
 from transfer.techniques.dann import DANN, train_dann
 from transfer.train import CrashAfterEpoch, Features, Objective, StepOut, _Loop, accuracy, fit, seed_everything
 
@@ -114,3 +115,25 @@ def test_dann_resumes_mid_run_to_the_same_weights(tmp_path: Path) -> None:
     assert [{k: v for k, v in r.items() if k not in drop} for r in history] == \
         [{k: v for k, v in r.items() if k not in drop} for r in expected]
     assert history[-1]["lr"] < kw["lr"] and 0.9 < history[-1]["lambda"] <= 1.0
+
+
+def test_accuracy_scores_only_the_labelled_samples() -> None:
+    data = _separable(30)
+    seed_everything(0)
+    model = nn.Linear(5, 3)
+    fit(model, data, None, OptimParams(epochs=5, batch_size=10, lr=0.05), device=CPU, seed=0, progress=False)
+    right = (model(data.images).argmax(1) == data.labels)
+    wrong = (~right).nonzero().flatten()
+    assert len(wrong) < 30
+    # the samples it gets wrong, unlabelled: only the right ones are left to score
+    unlabelled = data.labels.clone()
+    unlabelled[wrong] = -1
+    assert accuracy(model, Features(data.images, unlabelled), CPU) == 1.0
+    assert accuracy(model, data, CPU) == pytest.approx(right.float().mean().item())
+    assert torch.isnan(torch.tensor(accuracy(model, Features(data.images, torch.full((30,), -1)), CPU)))
+
+
+def test_a_custom_objective_is_refused_under_ddp() -> None:
+    with pytest.raises(TransferError, match="Hinge does not train under DDP"):
+        fit(nn.Linear(5, 3), _separable(), None, OptimParams(epochs=1), device=CPU, seed=0, objective=Hinge(),
+            progress=False, distributed_data_parallel=True)
