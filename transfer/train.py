@@ -422,6 +422,11 @@ class Objective:
         """Extra per-epoch metrics (``EpochStats.extra``), after the epoch's last step."""
         return {}
 
+    def origin(self) -> dict[str, Any]:
+        """The settings a checkpoint must have been written with to be resumed (e.g. DANN's
+        lambda_max); empty for the default objective."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -541,7 +546,7 @@ def fit(
     start_epoch = 1
     for cb in callbacks:
         cb.on_train_start(model, optimizer)
-    written_by = _checkpoint_origin(cfg, seed)
+    written_by = _checkpoint_origin(cfg, seed, objective.origin())
     if ckpt is not None and ckpt.exists():
         start_epoch = _resume(ckpt, loop, scheduler, result, callbacks, written_by)
         # a warning: the previous attempt stopped there, and a resume must never be silent
@@ -627,10 +632,12 @@ def _restore_rng(state: dict[str, Any], loop: _Loop) -> None:
         torch.cuda.set_rng_state(state["cuda"], loop.device)
 
 
-def _checkpoint_origin(cfg: OptimParams, seed: int) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the code, the optimisation params, the seed."""
+def _checkpoint_origin(cfg: OptimParams, seed: int, objective: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the code, the optimisation params, the seed
+    (and the objective's settings, when it has any)."""
     optim = {name: getattr(cfg, name) for name in OptimParams.model_fields}  # what fit reads, no more
-    return {"code_fingerprint": fingerprint.code_fingerprint(), "cfg": optim, "seed": seed}
+    origin = {"code_fingerprint": fingerprint.code_fingerprint(), "cfg": optim, "seed": seed}
+    return {**origin, "objective": objective} if objective else origin
 
 
 def _checkpoint_state(
@@ -663,6 +670,8 @@ def _stale_reason(saved: dict[str, Any] | None, wanted: dict[str, Any]) -> str |
         return f"it was written for other params ({', '.join(changed)})"
     if saved.get("seed") != wanted["seed"]:
         return f"it was written for seed {saved.get('seed')}, not {wanted['seed']}"
+    if saved.get("objective") != wanted.get("objective"):
+        return f"it was written for another objective ({saved.get('objective')}, now {wanted.get('objective')})"
     return None
 
 

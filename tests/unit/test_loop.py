@@ -137,3 +137,18 @@ def test_a_custom_objective_is_refused_under_ddp() -> None:
     with pytest.raises(TransferError, match="Hinge does not train under DDP"):
         fit(nn.Linear(5, 3), _separable(), None, OptimParams(epochs=1), device=CPU, seed=0, objective=Hinge(),
             progress=False, distributed_data_parallel=True)
+
+
+def test_a_dann_checkpoint_for_another_lambda_is_not_resumed(tmp_path: Path, caplog) -> None:
+    source, target = _domain(24, 0, 0), _domain(14, 80, 1)
+    unlabelled = ImageTensors(target.images, torch.full_like(target.labels, -1), target.classes)
+    kw: dict[str, Any] = {"epochs": 3, "lr": 3e-3, "batch_size": 10, "seed": 0}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_dann(_dann(), source, unlabelled, lambda_max=1.0, checkpoint_dir=tmp_path,
+                   callbacks=[CrashAfterEpoch(1)], **kw)
+    straight = _dann()
+    train_dann(straight, source, unlabelled, lambda_max=0.5, **kw)
+    again = _dann()
+    history = train_dann(again, source, unlabelled, lambda_max=0.5, checkpoint_dir=tmp_path, **kw)
+    assert "written for another objective" in caplog.text and len(history) == 3
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), again.state_dict().values()))

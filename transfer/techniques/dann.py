@@ -170,6 +170,10 @@ class DannObjective(Objective):
             record["target_acc"] = accuracy(loop.model, self.target_eval, loop.device)
         return record
 
+    def origin(self) -> dict[str, Any]:
+        return {"technique": "dann", "lambda_max": self.lambda_max, "total_steps": self.total_steps,
+                "source": len(self.source), "target": len(self.target)}
+
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "target_batches": list(self._batches), "next": self._next}
 
@@ -254,6 +258,7 @@ def run_dann(
     device: torch.device,
     seed: int,
     progress: bool = False,
+    checkpoint_dir: str | Path | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """DANN from a source ``TransferNet`` (its body and, when it fits, its head) or an arch name.
 
@@ -285,6 +290,6 @@ def run_dann(
     history = train_dann(
         dann, source_train, target_unlabelled, params.epochs, params.lr, params.batch_size,
         params.dann_lambda_max, seed, device, progress, target_eval=target_test,
-        weight_decay=params.weight_decay, augment=params.augment,
+        weight_decay=params.weight_decay, augment=params.augment, checkpoint_dir=checkpoint_dir,
     )
     return model, history
