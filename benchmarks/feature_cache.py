@@ -23,7 +23,7 @@ from transfer.config import load_params
 from transfer.data import dataset_version
 from transfer.feature_cache import FeatureCache, train_head_cached
 from transfer.models import load_model_dir
-from transfer.train import fit, predict_proba, resolve_device
+from transfer.train import accuracy, fit, resolve_device
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,7 +53,7 @@ def main() -> None:
             fit(model, splits["train"], splits["val"], params.finetune, device=device, seed=0, progress=False,
                 param_groups=freezing.param_groups(model, params.finetune.lr))
             plain_s.append((time.perf_counter() - t0) / args.epochs)
-            acc["through the frozen body"] = (predict_proba(model, splits["test"], device).argmax(1) == splits["test"].labels).float().mean().item()
+            acc["through the frozen body"] = accuracy(model, splits["test"], device)
             cache = FeatureCache(Path(tmp) / f"cache-{r}")
             for seconds, label in ((cached_s, "cached features, cold"), (warm_s, "cached features, warm")):
                 # cold: the features are computed (and stored) first; warm: read from disk
@@ -61,7 +61,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 train_head_cached(model, splits["train"], splits["val"], params.finetune, cache, version, 0, device)
                 seconds.append((time.perf_counter() - t0) / args.epochs)
-                acc[label] = (predict_proba(model, splits["test"], device).argmax(1) == splits["test"].labels).float().mean().item()
+                acc[label] = accuracy(model, splits["test"], device)
     p, c, w = statistics.median(plain_s), statistics.median(cached_s), statistics.median(warm_s)
     table = "\n".join([
         f"k={args.k} labels/class, {args.epochs} epochs, {args.repeats} repeats, {torch.get_num_threads()} threads, "

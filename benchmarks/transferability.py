@@ -44,7 +44,7 @@ from transfer.feature_cache import FeatureCache
 from transfer.models import create_model, load_model_dir, save_model_dir
 from transfer.ranking import candidate_params, local_candidate, rank_candidates
 from transfer.stats import over_seeds
-from transfer.train import predict_proba, resolve_device, seed_everything
+from transfer.train import accuracy, resolve_device, seed_everything
 from transfer.transferability import ESTIMATORS
 
 RESULTS = Path(__file__).parent / "results"
@@ -86,7 +86,7 @@ def build_sources(params: Params, work: Path, per_class: int) -> dict[str, str]:
 
 def _accuracy(model_dir: str, data: Any, device: torch.device) -> float:
     model, _ = load_model_dir(model_dir)
-    return float((predict_proba(model.to(device), data, device).argmax(1) == data.labels).float().mean())
+    return accuracy(model, data, device)
 
 
 def one_case(p: Params, sources: dict[str, str], work: Path, cache: FeatureCache, device: torch.device) -> dict:

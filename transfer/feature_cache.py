@@ -4,8 +4,8 @@ When the body is frozen (head-only strategy, linear probes, zero-shot) every epo
 push the same images through the same weights. Instead the features (N, F) are computed
 once per (dataset version, body weights sha256, split, code fingerprint) and kept on disk
 as ``.pt`` files (atomic write, ``weights_only`` load). :func:`train_head_on_features`
-reproduces what :func:`transfer.train.fit` does to the head when the body is frozen and augmentation is
-off: same optimizer, LR schedule, batch order, dropout draws and loss, so the same head.
+is :func:`transfer.train.fit` on those features, so it trains the head exactly as ``fit``
+does behind the frozen body when augmentation is off.
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ import hashlib
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transfer import fingerprint
@@ -28,7 +26,8 @@ from transfer.data import ImageTensors, to_float
 from transfer.data.mapped import bound_heap
 from transfer.disk import guard_disk_full
 from transfer.errors import TransferError
-from transfer.train import EpochStats, autocast_for, fill_rows, seed_everything
+from transfer.config import OptimParams
+from transfer.train import Features, autocast_for, fill_rows, fit
 
 log = logging.getLogger(__name__)
 
@@ -163,26 +162,6 @@ class FeatureCache:
         return feats
 
 
-def _epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    # the same draw as transfer.train's shuffled batches
-    return list(torch.randperm(n, generator=generator).split(batch_size))
-
-
-@torch.no_grad()
-def _evaluate_head(
-    head: nn.Module, feats: Tensor, labels: Tensor, device: torch.device
-) -> tuple[float, float]:
-    was_training = head.training
-    head.eval()
-    with autocast_for(device):
-        logits = head(feats.to(device))  # (N, K)
-    head.train(was_training)
-    probs = logits.float().softmax(dim=1).cpu()
-    loss = F.nll_loss(probs.clamp_min(1e-12).log(), labels.cpu()).item()
-    acc = (probs.argmax(dim=1) == labels.cpu()).float().mean().item()
-    return loss, acc
-
-
 def train_head_on_features(
     head: nn.Linear,
     feats_train: Tensor,
@@ -196,53 +175,27 @@ def train_head_on_features(
 ) -> list[dict[str, Any]]:
     """Train ``head`` in place on features (N, F) exactly as ``fit`` trains it behind a frozen body.
 
-    AdamW (``cfg.lr``, ``cfg.weight_decay``), cosine LR over ``cfg.epochs``, batches drawn
-    from ``torch.Generator().manual_seed(seed)``, cross-entropy with ``cfg.label_smoothing``,
-    and ``dropout`` on the features (``TransferNet.drop.p``) drawn from the global RNG seeded
-    like ``fit`` does. Augmentation cannot act on cached features: ``cfg.augment`` must be off
-    for the result to equal training through the body. Returns ``EpochStats`` dicts.
+    It is :func:`transfer.train.fit` on the features: AdamW (``cfg.lr``, ``cfg.weight_decay``),
+    cosine LR over ``cfg.epochs``, the same batch order, cross-entropy with
+    ``cfg.label_smoothing``, and ``dropout`` on the features (``TransferNet.drop.p``) drawn
+    from the global RNG seeded like ``fit`` does. Augmentation cannot act on cached
+    features: ``cfg.augment`` must be off for the result to equal training through the
+    body. Returns ``EpochStats`` dicts.
     """
     if getattr(cfg, "augment", False):
         log.warning("train_head_on_features: augmentation is ignored on cached features")
     if feats_train.shape[0] != y_train.shape[0] or feats_train.shape[0] == 0:
         raise TransferError(f"{feats_train.shape[0]} feature rows for {y_train.shape[0]} labels")
-    device = torch.device(device)
-    seed_everything(seed)
-    head.to(device)
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in head.parameters() if p.requires_grad], "lr": cfg.lr}],
-        lr=cfg.lr, weight_decay=cfg.weight_decay,
+    optim = OptimParams(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        label_smoothing=float(getattr(cfg, "label_smoothing", 0.0)), augment=False,
     )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
-    generator = torch.Generator().manual_seed(seed)
-    feats, labels = feats_train.to(device), y_train.to(device)
-    smoothing = float(getattr(cfg, "label_smoothing", 0.0))
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        head.train()
-        total, correct = 0.0, 0
-        for idx in _epoch_batches(len(labels), cfg.batch_size, generator):
-            x, y = F.dropout(feats[idx], dropout, training=True), labels[idx]  # (B, F), (B,)
-            with autocast_for(device):
-                logits = head(x)  # (B, K)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(y)
-            correct += (logits.argmax(dim=1) == y).sum().item()
-        scheduler.step()
-        val_loss, val_acc = (
-            _evaluate_head(head, feats_val, y_val, device)
-            if feats_val is not None and y_val is not None and len(y_val) else (None, None)
-        )
-        n = len(labels)
-        seconds = time.perf_counter() - t0
-        stats = EpochStats(epoch, total / n, correct / n, val_loss, val_acc, lr, seconds)
-        history.append(stats.as_dict())
-    return history
+    val = Features(feats_val, y_val) if feats_val is not None and y_val is not None else None
+    result = fit(
+        nn.Sequential(nn.Dropout(dropout), head), Features(feats_train, y_train), val, optim,
+        device=torch.device(device), seed=seed, progress=False, desc="head (cached features)",
+    )
+    return [stats.as_dict() for stats in result.history]
 
 
 def train_head_cached(

@@ -91,6 +91,11 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def block_lr(lr: float, distance: int, body_lr_mult: float = 1.0, layer_decay: float = 1.0) -> float:
+    """The discriminative LR of the body block ``distance`` from the top (top block = 1)."""
+    return lr * body_lr_mult * layer_decay**distance
+
+
 def param_groups(
     model: TransferNet, lr: float, body_lr_mult: float = 1.0, layer_decay: float = 1.0
 ) -> list[dict[str, Any]]:
@@ -107,7 +112,7 @@ def param_groups(
         seen.update(id(p) for p in params)
         if params:
             groups.append({"name": f"body.{name}", "params": params,
-                           "lr": lr * body_lr_mult * layer_decay**distance})
+                           "lr": block_lr(lr, distance, body_lr_mult, layer_decay)})
     rest = [p for p in _trainable(model) if id(p) not in seen]  # modules outside head/blocks
     if rest:
         groups.append({"name": "other", "params": rest, "lr": lr})

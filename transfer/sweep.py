@@ -256,18 +256,16 @@ def execute(
 
 def _accuracy_on(model_dir: Path, splits: Mapping[str, Any], device: Any) -> dict[str, float]:
     from transfer.models import load_model_dir
-    from transfer.train import predict_proba
+    from transfer.train import accuracy
 
     model, meta = load_model_dir(model_dir)
-    model.to(device)  # predict_proba moves the images, not the model
     out = {}
     for name, data in splits.items():
         if list(meta.get("classes", data.classes)) != list(data.classes):
             raise TransferError(
                 f"{model_dir} knows classes {meta.get('classes')}, the {name} split {data.classes}"
             )
-        probs = predict_proba(model, data, device)
-        out[name] = float((probs.argmax(dim=1) == data.labels).float().mean())
+        out[name] = accuracy(model, data, device)
     return out
 
 

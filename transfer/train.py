@@ -1,4 +1,9 @@
-"""The training loop shared by pretraining, fine-tuning and the from-scratch baseline.
+"""The one training loop: pretraining, fine-tuning, the baseline and every technique.
+
+:func:`fit` trains any module on images (``ImageTensors``) or on float inputs such as
+cached body features (:class:`Features`). What a batch costs is an :class:`Objective`
+(default: cross-entropy on the model's logits plus ``extra_loss``); DANN and multitask
+plug in their own, so batching, AMP, DDP, checkpoints/resume and progress are written once.
 
 Data lives in memory as uint8 tensors (``ImageTensors``), so an epoch is a shuffled
 walk over index batches: no DataLoader workers, no re-decoding. A split larger than memory
@@ -49,6 +54,8 @@ from transfer.errors import TransferError
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
+# (optimizer, steps per epoch) -> an LR scheduler that fit steps after every batch
+BatchSchedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 
 # A split is kept on the GPU when it takes less than this share of the free GPU memory;
 # a bigger one stays in host memory and each batch is copied through pinned memory.
@@ -113,9 +120,37 @@ class EpochStats:
     val_acc: float | None
     lr: float
     seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)  # an objective's own per-epoch metrics
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """One flat dict: the fields, then the objective's metrics (none on the plain path)."""
+        flat = asdict(self)
+        extra = flat.pop("extra")
+        return {**flat, **extra}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> EpochStats:
+        names = [f for f in cls.__dataclass_fields__ if f != "extra"]
+        return cls(*(record[f] for f in names), extra={k: v for k, v in record.items() if k not in names})
+
+
+@dataclass(frozen=True)
+class Features:
+    """Float inputs (N, ...) that need no conversion or augmentation, e.g. cached body
+    features, with their labels (N,): what :func:`fit` trains a head on. ``images`` is
+    named so for the splits' sake; it holds the features."""
+
+    images: Tensor
+    labels: Tensor
+    mapped = False
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def as_input(batch: Tensor) -> Tensor:
+    """What the model reads: uint8 images -> float in [-1, 1]; float inputs as they are."""
+    return to_float(batch) if batch.dtype == torch.uint8 else batch
 
 
 @dataclass
@@ -164,7 +199,7 @@ class _Split:
     """A split placed for batch gathering: one uint8 tensor on the device when it fits
     (copied once through pinned memory), else in host memory with per-batch copies."""
 
-    def __init__(self, data: ImageTensors, device: torch.device) -> None:
+    def __init__(self, data: ImageTensors | Features, device: torch.device) -> None:
         self.device = device
         self.n = len(data)
         self.cpu_labels = data.labels
@@ -228,16 +263,18 @@ class _MappedSplit:
             yield images
 
 
-def place(data: ImageTensors, device: torch.device, workers: int | None = None) -> _Split | _MappedSplit:
+def place(data: ImageTensors | Features, device: torch.device, workers: int | None = None) -> _Split | _MappedSplit:
     """The split placed for training/evaluation: in memory, or memory-mapped."""
     return _MappedSplit(data, device, workers) if data.mapped else _Split(data, device)
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> tuple[Tensor, ...]:
-    """A shuffled epoch's index batches, drawn on the CPU generator (the same order on every
-    device and rank), moved to ``device`` in one copy."""
-    order = torch.randperm(n, generator=generator)
-    if device.type != "cpu":
+def index_batches(
+    n: int, batch_size: int, generator: torch.Generator | None = None, device: torch.device | None = None
+) -> tuple[Tensor, ...]:
+    """An epoch's index batches: shuffled by the CPU ``generator`` (the same order on every
+    device and rank), in order when it is None; moved to ``device`` in one copy."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    if device is not None and device.type != "cpu":
         order = order.to(device, non_blocking=True)
     return order.split(batch_size)
 
@@ -261,7 +298,7 @@ def _predict(model: nn.Module, split: _Split | _MappedSplit, device: torch.devic
     def probabilities() -> Iterator[Tensor]:
         for images in split.chunks(batch_size):
             with autocast_for(device):
-                logits = model(to_float(images))  # (B, K)
+                logits = model(as_input(images))  # (B, K)
             yield logits.float().softmax(dim=1)
 
     probs = fill_rows(probabilities(), split.n)
@@ -270,7 +307,7 @@ def _predict(model: nn.Module, split: _Split | _MappedSplit, device: torch.devic
 
 @torch.no_grad()
 def predict_proba(
-    model: nn.Module, data: ImageTensors, device: torch.device, batch_size: int = 512
+    model: nn.Module, data: ImageTensors | Features, device: torch.device, batch_size: int = 512
 ) -> Tensor:
     """Class probabilities (N, K) on CPU, model in eval mode."""
     was_training = model.training
@@ -279,6 +316,17 @@ def predict_proba(
         return _predict(model, place(data, device), device, batch_size)
     finally:
         model.train(was_training)
+
+
+def accuracy(
+    model: nn.Module, data: ImageTensors | Features, device: torch.device, batch_size: int = 512
+) -> float:
+    """Top-1 accuracy on the labelled samples of ``data`` (label -1 = unlabelled; nan if none)."""
+    known = data.labels >= 0
+    if not bool(known.any()):
+        return float("nan")
+    hits = predict_proba(model, data, device, batch_size).argmax(dim=1) == data.labels
+    return hits[known].float().mean().item()
 
 
 @torch.no_grad()
@@ -324,6 +372,66 @@ class _Loop:
     channels_last: bool = False
     world: int = 1  # > 1: this rank trains on its shard of every global batch
     extra_loss: LossFn | None = None
+    objective: Objective = field(default_factory=lambda: Objective())
+    batch_scheduler: Any = None  # an LR scheduler stepped after every optimizer step, or None
+
+
+@dataclass
+class StepOut:
+    """One batch's result: ``loss`` is what backward runs on; ``reported`` the batch's summed
+    loss (float64, for train_loss); ``logits`` (b, K) are scored against ``labels`` (b,)."""
+
+    loss: Tensor
+    reported: Tensor
+    logits: Tensor
+    labels: Tensor
+
+
+class Objective:
+    """The per-batch part of :func:`fit`: inputs -> loss. This one is cross-entropy on the
+    model's logits plus the loop's ``extra_loss``; a technique subclasses it (DANN: class +
+    domain loss; multitask: a loss per head). Subclasses that keep state across batches
+    (counters, a second data stream) return it from :meth:`state_dict` so a resumed run
+    goes on where the checkpoint stopped."""
+
+    def inputs(self, loop: _Loop, x: Tensor, idx: Tensor, shard: tuple[int, int, int] | None) -> Tensor:
+        """The float batch as the model reads it: random shifts when ``cfg.augment``."""
+        if loop.cfg.augment and x.ndim == 4:
+            x = random_shift(x, 2, generator=loop.augment, shard=shard)
+        return x
+
+    def step(self, loop: _Loop, x: Tensor, y: Tensor, idx: Tensor) -> StepOut:
+        cfg, world = loop.cfg, loop.world
+        logits = loop.forward(x)  # (b, K)
+        if world > 1:
+            ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum")
+            loss, reported = ce * (world / len(idx)), ce.detach().double()
+        else:
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            reported = loss.detach().double() * len(y)
+        if loop.extra_loss is not None:
+            extra = loop.extra_loss(loop.model, x, y, logits)
+            loss = loss + extra
+            reported = reported + extra.detach().double() * len(y)
+        return StepOut(loss, reported, logits, y)
+
+    def epoch_start(self, loop: _Loop) -> None:
+        """Reset per-epoch sums."""
+
+    def epoch_metrics(self, loop: _Loop) -> dict[str, Any]:
+        """Extra per-epoch metrics (``EpochStats.extra``), after the epoch's last step."""
+        return {}
+
+    def origin(self) -> dict[str, Any]:
+        """The settings a checkpoint must have been written with to be resumed (e.g. DANN's
+        lambda_max); empty for the default objective."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def _train_one_epoch(
@@ -337,44 +445,35 @@ def _train_one_epoch(
     """
     cfg, device, world = loop.cfg, loop.device, loop.world
     loop.forward.train()
+    loop.objective.epoch_start(loop)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, correct
     seen = 0
     # a last global batch too small to give every rank a sample is skipped
-    batches = [idx for idx in _batches(data.n, cfg.batch_size, loop.shuffle, data.index_device)
+    batches = [idx for idx in index_batches(data.n, cfg.batch_size, loop.shuffle, data.index_device)
                if len(idx) >= world]
     sharded = world > 1 and getattr(data, "sharded", False)  # read only this rank's share
-    for idx, (images, y) in zip(batches, data.read(batches, world), strict=True):
-        x = to_float(images)  # (B, C, H, W) float in [-1, 1]
-        if cfg.augment:
-            shard = (len(idx), distributed.rank(), world) if sharded else None
-            x = random_shift(x, 2, generator=loop.augment, shard=shard)
+    for idx, (raw, y) in zip(batches, data.read(batches, world), strict=True):
+        shard = (len(idx), distributed.rank(), world) if sharded else None
+        x = loop.objective.inputs(loop, as_input(raw), idx, shard)  # (B, ...) float
         if world > 1 and not sharded:
             x, y = distributed.shard(x), distributed.shard(y)
         if loop.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_for(device):
-            logits = loop.forward(x)  # (b, K)
-            if world > 1:
-                ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum")
-                loss, reported = ce * (world / len(idx)), ce.detach().double()
-            else:
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                reported = loss.detach().double() * len(y)
-            if loop.extra_loss is not None:
-                extra = loop.extra_loss(loop.model, x, y, logits)
-                loss = loss + extra
-                reported = reported + extra.detach().double() * len(y)
+            out = loop.objective.step(loop, x, y, idx)
         loop.optimizer.zero_grad(set_to_none=True)
         if loop.scaler is not None:
-            loop.scaler.scale(loss).backward()
+            loop.scaler.scale(out.loss).backward()
             loop.scaler.step(loop.optimizer)
             loop.scaler.update()
         else:
-            loss.backward()
+            out.loss.backward()
             loop.optimizer.step()
-        sums[0] += reported
-        sums[1] += (logits.argmax(dim=1) == y).sum()
-        seen += len(y)
+        if loop.batch_scheduler is not None:
+            loop.batch_scheduler.step()
+        sums[0] += out.reported
+        sums[1] += (out.logits.argmax(dim=1) == out.labels).sum()
+        seen += len(out.labels)
         on_batch()
     totals = torch.cat([sums, torch.tensor([seen], dtype=torch.float64, device=device)])
     total_loss, correct, seen_all = distributed.all_reduce_sum(totals, device) if world > 1 else totals.tolist()
@@ -387,14 +486,16 @@ def _trainable(model: nn.Module) -> tuple[str, ...]:
 
 def fit(
     model: nn.Module,
-    train: ImageTensors,
-    val: ImageTensors | None,
+    train: ImageTensors | Features,
+    val: ImageTensors | Features | None,
     cfg: OptimParams,
     *,
     device: torch.device,
     seed: int,
     param_groups: Sequence[dict] | None = None,
     extra_loss: LossFn | None = None,
+    objective: Objective | None = None,
+    lr_schedule: BatchSchedule | None = None,
     callbacks: Sequence[Callback] = (),
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
@@ -404,6 +505,10 @@ def fit(
 ) -> FitResult:
     """Train ``model`` in place with AdamW + cosine LR; resume from ``checkpoint_dir/last.pt``.
 
+    ``objective`` turns a batch into a loss (default: cross-entropy + ``extra_loss``);
+    ``lr_schedule(optimizer, steps_per_epoch)`` replaces the per-epoch cosine schedule by a
+    scheduler stepped after every batch.
+
     CPU: float32, bit-for-bit reproducible for a seed. CUDA: autocast (bf16, or fp16 with a
     GradScaler), channels_last for conv nets, data resident on the GPU. With
     ``distributed_data_parallel`` (under torchrun) the model is wrapped in DDP, each global
@@ -412,6 +517,9 @@ def fit(
     """
     if len(train) == 0:
         raise TransferError(f"{desc}: the training split is empty")
+    objective = objective if objective is not None else Objective()
+    if distributed_data_parallel and type(objective) is not Objective:
+        raise TransferError(f"{desc}: {type(objective).__name__} does not train under DDP")
     seed_everything(seed)
     if distributed_data_parallel:
         distributed.init(device)
@@ -423,18 +531,22 @@ def fit(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     optimizer = _make_optimizer(model, cfg, param_groups)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    if lr_schedule is None:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    else:
+        scheduler = lr_schedule(optimizer, -(-len(train) // cfg.batch_size))
     shuffle = torch.Generator().manual_seed(seed)
     augment = shuffle if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype(device) == torch.float16 else None
     loop = _Loop(model, model, cfg, optimizer, device, shuffle, augment, scaler, channels_last,
-                 distributed.world_size() if distributed_data_parallel else 1, extra_loss)
+                 distributed.world_size() if distributed_data_parallel else 1, extra_loss, objective,
+                 scheduler if lr_schedule is not None else None)
     result = FitResult()
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     start_epoch = 1
     for cb in callbacks:
         cb.on_train_start(model, optimizer)
-    written_by = _checkpoint_origin(cfg, seed)
+    written_by = _checkpoint_origin(cfg, seed, objective.origin())
     if ckpt is not None and ckpt.exists():
         start_epoch = _resume(ckpt, loop, scheduler, result, callbacks, written_by)
         # a warning: the previous attempt stopped there, and a resume must never be silent
@@ -463,9 +575,11 @@ def fit(
                 loss, acc = _train_one_epoch(loop, train_split, bar.advance_batch)
                 if distributed_data_parallel:
                     distributed.sync_buffers(model)  # every rank evaluates and saves one model
-                scheduler.step()
+                if loop.batch_scheduler is None:
+                    scheduler.step()
                 val_loss, val_acc = _evaluate(model, val_split, device) if val_split else (None, None)
-                stats = EpochStats(epoch, loss, acc, val_loss, val_acc, lr, time.perf_counter() - t0)
+                extra = objective.epoch_metrics(loop)
+                stats = EpochStats(epoch, loss, acc, val_loss, val_acc, lr, time.perf_counter() - t0, extra)
                 result.history.append(stats)
                 if val_acc is not None:
                     result.best_val_acc = max(result.best_val_acc or 0.0, val_acc)
@@ -518,10 +632,12 @@ def _restore_rng(state: dict[str, Any], loop: _Loop) -> None:
         torch.cuda.set_rng_state(state["cuda"], loop.device)
 
 
-def _checkpoint_origin(cfg: OptimParams, seed: int) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the code, the optimisation params, the seed."""
+def _checkpoint_origin(cfg: OptimParams, seed: int, objective: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the code, the optimisation params, the seed
+    (and the objective's settings, when it has any)."""
     optim = {name: getattr(cfg, name) for name in OptimParams.model_fields}  # what fit reads, no more
-    return {"code_fingerprint": fingerprint.code_fingerprint(), "cfg": optim, "seed": seed}
+    origin = {"code_fingerprint": fingerprint.code_fingerprint(), "cfg": optim, "seed": seed}
+    return {**origin, "objective": objective} if objective else origin
 
 
 def _checkpoint_state(
@@ -536,6 +652,7 @@ def _checkpoint_state(
         "scheduler": scheduler.state_dict(),
         "rng": _rng_state(loop),
         "history": [s.as_dict() for s in result.history],
+        "objective": loop.objective.state_dict(),
     }
     if loop.scaler is not None:
         state["scaler"] = loop.scaler.state_dict()
@@ -553,6 +670,8 @@ def _stale_reason(saved: dict[str, Any] | None, wanted: dict[str, Any]) -> str |
         return f"it was written for other params ({', '.join(changed)})"
     if saved.get("seed") != wanted["seed"]:
         return f"it was written for seed {saved.get('seed')}, not {wanted['seed']}"
+    if saved.get("objective") != wanted.get("objective"):
+        return f"it was written for another objective ({saved.get('objective')}, now {wanted.get('objective')})"
     return None
 
 
@@ -581,7 +700,8 @@ def _resume(
     if loop.scaler is not None and "scaler" in state:
         loop.scaler.load_state_dict(state["scaler"])
     _restore_rng(state["rng"], loop)
-    result.history = [EpochStats(**s) for s in state["history"]]
+    loop.objective.load_state_dict(state.get("objective", {}))
+    result.history = [EpochStats.from_dict(s) for s in state["history"]]
     vals = [s.val_acc for s in result.history if s.val_acc is not None]
     result.best_val_acc = max(vals) if vals else None
     result.resumed_from_epoch = state["epoch"]

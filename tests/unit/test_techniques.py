@@ -25,7 +25,6 @@ from transfer.techniques import (
 )
 from transfer.techniques.conservative import L2SP, Distillation, distance_to_source
 from transfer.techniques.dann import DANN, dann_lambda, grad_reverse, train_dann
-from transfer.techniques.dann import accuracy as dann_accuracy
 from transfer.techniques.gradual import GradualUnfreezing
 from transfer.techniques.multitask import (
     MultiTaskNet,
@@ -45,7 +44,7 @@ from transfer.techniques.zeroshot import (
     conse_predict,
     zero_shot_accuracy,
 )
-from transfer.train import Callback, EpochStats, fit, predict_proba, seed_everything
+from transfer.train import Callback, EpochStats, accuracy, fit, predict_proba, seed_everything
 
 CPU = torch.device("cpu")
 SIZE = 12
@@ -338,7 +337,7 @@ def test_dann_confuses_the_domain_classifier_and_keeps_the_label_task():
             model = DANN(body, 16, 2)
             history = train_dann(model, source, target, epochs=20, lr=3e-3, batch_size=16,
                                  lambda_max=lambda_max, seed=seed, device=CPU, target_eval=test)
-            runs.append({**history[-1], "source_acc": dann_accuracy(model, source, CPU)})
+            runs.append({**history[-1], "source_acc": accuracy(model, source, CPU)})
         results[lambda_max] = runs
     only, dann = results[0.0], results[1.0]
     assert all(r["source_acc"] >= 0.95 for r in only + dann)  # the label task is learnt

@@ -33,5 +33,6 @@ def dann(ctx: StrategyContext) -> StrategyResult:
     model, history = run_dann(
         source, ctx.load_split("source", "train"), unlabelled_target(ctx.load_split), ctx.splits["val"],
         ctx.params.finetune, ctx.device, ctx.params.runtime.seed, ctx.progress,
+        checkpoint_dir=ctx.out_dir / "checkpoints",  # a crashed run resumes, as the freeze strategies do
     )
     return StrategyResult(model, history, time.perf_counter() - started)

@@ -7,7 +7,8 @@ Most share one signature, which ``transfer.strategies.run_technique`` calls::
     ) -> (model_for_eval, history)
 
 ``model_for_eval`` maps float images (B, C, H, W) to logits over the target classes;
-``history`` is a list of per-epoch dicts (``EpochStats.as_dict()`` for fit-based ones).
+``history`` is a list of per-epoch dicts (``EpochStats.as_dict()``): every technique trains
+through ``transfer.train.fit``, DANN and multitask with their own ``Objective``.
 :class:`GradualUnfreezing` is a ``fit`` callback (the ``gradual`` freeze strategy's).
 Techniques with other data needs have their own entries: :func:`run_dann` (labelled source +
 unlabelled target) and :func:`run_zero_shot` (seen/unseen classes). The strategies that

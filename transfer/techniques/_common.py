@@ -1,16 +1,20 @@
-"""Small helpers shared by the techniques: state snapshots, feature taps, batch walks."""
+"""Small helpers shared by the techniques: state snapshots, frozen teachers, feature taps,
+and the full fine-tuning entry (a fresh-headed copy trained by ``fit`` with an extra loss)."""
 
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from transfer import freezing
+from transfer.config import FinetuneParams
+from transfer.data import ImageTensors
 from transfer.errors import TransferError
+from transfer.train import LossFn, fit, seed_everything
 
 
 def snapshot(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -32,12 +36,6 @@ def body_of(model: nn.Module) -> nn.Module:
     if not isinstance(body, nn.Module):
         raise TransferError(f"{type(model).__name__} has no .body: expected a TransferNet")
     return body
-
-
-def index_batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[Tensor]:
-    """Index batches over ``n`` items: shuffled by ``generator``, in order when it is None."""
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    yield from order.split(batch_size)
 
 
 class FeatureTap:
@@ -85,11 +83,38 @@ class FeatureTap:
         self.close()
 
 
-class Timer:
-    """Seconds since construction (for epoch records)."""
+def full_finetune_copy(source_model: nn.Module, num_classes: int, seed: int) -> nn.Module:
+    """A copy of the source model with a new head of ``num_classes``, every layer trainable."""
+    seed_everything(seed)  # the new head's init depends on the seed only
+    model = copy.deepcopy(source_model)
+    model.reset_classifier(num_classes)
+    freezing.apply_freeze(model, "full")
+    return model
 
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
 
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
+def fit_full(
+    model: nn.Module,
+    extra: LossFn,
+    train: ImageTensors,
+    val: ImageTensors | None,
+    params: FinetuneParams,
+    device: torch.device,
+    seed: int,
+    progress: bool,
+    name: str,
+    *,
+    extra_groups: Sequence[dict] = (),
+    weight_decay: float | None = None,
+) -> list[dict[str, Any]]:
+    """``fit`` every layer (the finetune LR per layer) with ``extra`` added to the loss;
+    ``extra_groups`` join the optimizer (e.g. auxiliary heads). Returns the history dicts."""
+    groups = freezing.param_groups(
+        model, params.lr, body_lr_mult=params.body_lr_mult, layer_decay=params.layer_decay
+    )
+    groups.extend(extra_groups)
+    cfg = params if weight_decay is None else params.model_copy(update={"weight_decay": weight_decay})
+    result = fit(
+        model, train, val, cfg, device=device, seed=seed, param_groups=groups, extra_loss=extra,
+        progress=progress, desc=f"finetune ({name})",
+    )
+    return [stats.as_dict() for stats in result.history]

@@ -10,7 +10,6 @@ Two regularisers, both usable as ``extra_loss`` of :func:`transfer.train.fit`
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -18,12 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transfer import freezing
 from transfer.config import FinetuneParams
 from transfer.data import ImageTensors
 from transfer.errors import TransferError
-from transfer.techniques._common import FeatureTap, frozen_copy, snapshot
-from transfer.train import LossFn, fit, seed_everything
+from transfer.techniques._common import FeatureTap, frozen_copy, fit_full, full_finetune_copy, snapshot
 
 
 class L2SP:
@@ -165,39 +162,6 @@ class Distillation:
         self.tap.close()
 
 
-def _full_finetune_model(source_model: nn.Module, num_classes: int, seed: int) -> nn.Module:
-    seed_everything(seed)  # the new head's init depends on the seed only
-    model = copy.deepcopy(source_model)
-    model.reset_classifier(num_classes)
-    freezing.apply_freeze(model, "full")
-    return model
-
-
-def _fit_conservative(
-    model: nn.Module,
-    extra: LossFn,
-    train: ImageTensors,
-    val: ImageTensors | None,
-    params: FinetuneParams,
-    device: torch.device,
-    seed: int,
-    progress: bool,
-    name: str,
-    weight_decay: float | None = None,
-) -> list[dict[str, Any]]:
-    groups = freezing.param_groups(
-        model, params.lr, body_lr_mult=params.body_lr_mult, layer_decay=params.layer_decay
-    )
-    cfg = params
-    if weight_decay is not None:
-        cfg = params.model_copy(update={"weight_decay": weight_decay})
-    result = fit(
-        model, train, val, cfg, device=device, seed=seed, param_groups=groups, extra_loss=extra,
-        progress=progress, desc=f"finetune ({name})",
-    )
-    return [stats.as_dict() for stats in result.history]
-
-
 def run_l2sp(
     source_model: nn.Module,
     train: ImageTensors,
@@ -208,11 +172,9 @@ def run_l2sp(
     progress: bool = False,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Full fine-tuning (new head) with the L2-SP penalty instead of weight decay."""
-    model = _full_finetune_model(source_model, train.num_classes, seed)
+    model = full_finetune_copy(source_model, train.num_classes, seed)
     penalty = L2SP(source_model.state_dict(), params.l2sp_alpha, params.l2sp_beta)
-    history = _fit_conservative(
-        model, penalty, train, val, params, device, seed, progress, "l2sp", weight_decay=0.0
-    )
+    history = fit_full(model, penalty, train, val, params, device, seed, progress, "l2sp", weight_decay=0.0)
     return model, history
 
 
@@ -226,12 +188,10 @@ def run_distill(
     progress: bool = False,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Full fine-tuning (new head) plus LwF output distillation from the frozen source model."""
-    model = _full_finetune_model(source_model, train.num_classes, seed)
+    model = full_finetune_copy(source_model, train.num_classes, seed)
     distill = Distillation(source_model, params.distill_weight, params.distill_temperature)
     try:
-        history = _fit_conservative(
-            model, distill, train, val, params, device, seed, progress, "distill"
-        )
+        history = fit_full(model, distill, train, val, params, device, seed, progress, "distill")
     finally:
         distill.close()
     return model, history

@@ -9,21 +9,23 @@ features that the domain classifier cannot separate, i.e. features that transfer
 from __future__ import annotations
 
 import copy
-import logging
 import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transfer.config import FinetuneParams
-from transfer.data import ImageTensors, random_shift, to_float
+from transfer.config import FinetuneParams, OptimParams
+from transfer.data import ImageTensors, to_float
 from transfer.errors import TransferError
-from transfer.techniques._common import Timer, index_batches
-from transfer.train import seed_everything
+from transfer.train import (
+    Callback, EpochStats, Features, Objective, StepOut, _Loop, accuracy, fit, index_batches, predict_proba,
+    seed_everything,
+)
 
-log = logging.getLogger(__name__)
 
 SOURCE_DOMAIN, TARGET_DOMAIN = 0, 1
 
@@ -94,30 +96,102 @@ class DANN(nn.Module):
         return self.head(feats), domain
 
 
-def _cycle_batches(n: int, batch_size: int, generator: torch.Generator) -> Any:
-    while True:
-        yield from index_batches(n, batch_size, generator)
+class DannSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """The paper's annealed LR per optimizer step: ``dann_lr(base_lr, step / total_steps)``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
+        self.total_steps = max(total_steps, 1)
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [dann_lr(base, self.last_epoch / self.total_steps) for base in self.base_lrs]
 
 
-@torch.no_grad()
-def accuracy(
-    model: nn.Module, data: ImageTensors, device: torch.device, batch_size: int = 512
-) -> float:
-    """Top-1 accuracy of ``model`` on the labelled samples of ``data`` (eval mode)."""
-    was_training = model.training
-    model.eval()
-    correct, seen = 0, 0
-    for idx in index_batches(len(data), batch_size, None):
-        labels = data.labels[idx]
-        known = labels >= 0
-        logits = model(to_float(data.images[idx].to(device)))  # (B, K)
-        correct += (logits.argmax(1).cpu()[known] == labels[known]).sum().item()
-        seen += int(known.sum())
-    model.train(was_training)
-    return correct / seen if seen else float("nan")
+class DannObjective(Objective):
+    """:func:`transfer.train.fit`'s per-batch loss for DANN.
+
+    Each source batch (B_s) is joined by an equally large batch of unlabelled target
+    images, cycled through in shuffled passes drawn on the loop's generator; both run
+    through the body together (one augmentation draw over the joined batch) and the loss is
+    ``CE(class | source) + CE(domain)``, the domain gradient reversed with weight
+    ``dann_lambda(step / total_steps)``.
+    """
+
+    def __init__(self, source: ImageTensors, target: ImageTensors, device: torch.device,
+                 total_steps: int, lambda_max: float, target_eval: ImageTensors | None) -> None:
+        self.source, self.target, self.target_eval = source, target, target_eval
+        self.target_images = target.images.to(device)
+        self.total_steps, self.lambda_max = max(total_steps, 1), lambda_max
+        self.steps = 0  # optimizer steps so far (the lambda ramp's progress)
+        self._batches: tuple[Tensor, ...] = ()  # the current pass over the target images
+        self._next = 0  # its next batch
+        self.lambd, self.lr = 0.0, 0.0
+        self._sums = [0.0, 0.0, 0]  # class loss, domain loss (summed over samples), samples
+
+    def _target_batch(self, loop: _Loop, size: int) -> Tensor:
+        if self._next >= len(self._batches):
+            self._batches, self._next = index_batches(len(self.target), loop.cfg.batch_size, loop.shuffle), 0
+        self._next += 1
+        return self._batches[self._next - 1][:size]
+
+    def inputs(self, loop: _Loop, x: Tensor, idx: Tensor, shard: tuple[int, int, int] | None) -> Tensor:
+        target = to_float(self.target_images[self._target_batch(loop, len(idx))])
+        return super().inputs(loop, torch.cat([x, target]), idx, shard)  # (B_s + B_t, C, H, W)
+
+    def step(self, loop: _Loop, x: Tensor, y: Tensor, idx: Tensor) -> StepOut:
+        n = len(idx)
+        self.lambd = dann_lambda(self.steps / self.total_steps, self.lambda_max)
+        self.lr = loop.optimizer.param_groups[0]["lr"]
+        domains = torch.cat([
+            torch.full((n,), SOURCE_DOMAIN, device=x.device),
+            torch.full((len(x) - n,), TARGET_DOMAIN, device=x.device),
+        ])  # (B_s + B_t,)
+        class_logits, domain_logits = loop.model.forward_train(x, self.lambd)
+        class_loss = F.cross_entropy(class_logits[:n].float(), y)
+        domain_loss = F.cross_entropy(domain_logits.float(), domains)
+        loss = class_loss + domain_loss  # the GRL already scales the body's domain gradient
+        self.steps += 1
+        self._sums[0] += class_loss.item() * n
+        self._sums[1] += domain_loss.item() * n
+        self._sums[2] += n
+        return StepOut(loss, loss.detach().double() * n, class_logits[:n], y)
+
+    def epoch_start(self, loop: _Loop) -> None:
+        self._sums = [0.0, 0.0, 0]
+
+    def epoch_metrics(self, loop: _Loop) -> dict[str, Any]:
+        seen = max(self._sums[2], 1)
+        record: dict[str, Any] = {
+            "class_loss": self._sums[0] / seen, "domain_loss": self._sums[1] / seen,
+            "domain_acc": domain_accuracy(loop.model, self.source, self.target, loop.device),
+            "lambda": self.lambd, "lr": self.lr,
+        }
+        if self.target_eval is not None and bool((self.target_eval.labels >= 0).any()):
+            record["target_acc"] = accuracy(loop.model, self.target_eval, loop.device)
+        return record
+
+    def origin(self) -> dict[str, Any]:
+        return {"technique": "dann", "lambda_max": self.lambda_max, "total_steps": self.total_steps,
+                "source": len(self.source), "target": len(self.target)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "target_batches": list(self._batches), "next": self._next}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self._batches, self._next = state["steps"], tuple(state["target_batches"]), state["next"]
 
 
-@torch.no_grad()
+class _DomainClassifier(nn.Module):
+    """``x -> domain logits (B, 2)`` of a :class:`DANN` (for :func:`transfer.train.predict_proba`)."""
+
+    def __init__(self, model: DANN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.domain_classifier(self.model.body(x))
+
+
 def domain_accuracy(
     model: DANN, source: ImageTensors, target: ImageTensors, device: torch.device, limit: int = 512
 ) -> float:
@@ -125,15 +199,12 @@ def domain_accuracy(
 
     0.5 = chance: the features no longer tell the domains apart (what DANN aims for).
     """
-    was_training = model.training
-    model.eval()
     hits, seen = 0, 0
     for data, domain in ((source, SOURCE_DOMAIN), (target, TARGET_DOMAIN)):
-        for idx in index_batches(min(len(data), limit), 512, None):
-            _, logits = model.forward_train(to_float(data.images[idx].to(device)), 0.0)  # (B, 2)
-            hits += (logits.argmax(1) == domain).sum().item()
-            seen += len(idx)
-    model.train(was_training)
+        n = min(len(data), limit)
+        images = Features(data.images[:n], torch.full((n,), domain))
+        hits += int((predict_proba(_DomainClassifier(model), images, device).argmax(1) == domain).sum())
+        seen += n
     return hits / max(seen, 1)
 
 
@@ -151,77 +222,31 @@ def train_dann(
     target_eval: ImageTensors | None = None,
     weight_decay: float = 0.0,
     augment: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> list[dict[str, Any]]:
-    """Train ``model`` in place; one epoch = one pass over the labelled source images.
-
-    Each step takes a source batch (B_s) and an equally large unlabelled target batch, runs
-    both through the body together, and minimises ``CE(class | source) + CE(domain)`` with
-    the domain gradient reversed (weight ``dann_lambda(p)``) and the LR annealed
-    (``dann_lr``), p = training progress in [0, 1]. ``lambda_max=0`` = source-only training.
+    """Train ``model`` in place through :func:`transfer.train.fit` with a
+    :class:`DannObjective` and the annealed LR (:class:`DannSchedule`); one epoch = one pass
+    over the labelled source images. ``lambda_max=0`` = source-only training.
     Records per epoch: ``train_loss``, ``class_loss``, ``domain_loss``, ``train_acc`` (source),
-    ``domain_acc`` (:func:`domain_accuracy` at the epoch's end; 0.5 = chance), ``lambda``, ``lr``,
-    ``target_acc`` (when ``target_eval`` has labels), ``seconds``.
+    ``domain_acc`` (:func:`domain_accuracy` at the epoch's end; 0.5 = chance), ``lambda``, ``lr``
+    (of the epoch's last step), ``target_acc`` (when ``target_eval`` has labels), ``seconds``.
     """
     if len(source) == 0 or len(target_unlabelled) == 0:
         raise TransferError("DANN needs labelled source images and unlabelled target images")
     device = torch.device(device)
-    seed_everything(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model.to(device)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    cfg = OptimParams(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      label_smoothing=0.0, augment=augment)
+    total_steps = epochs * math.ceil(len(source) / batch_size)
+    objective = DannObjective(source, target_unlabelled, device, total_steps, lambda_max, target_eval)
+    result = fit(
+        model, source, None, cfg, device=device, seed=seed, objective=objective,
+        lr_schedule=lambda optimizer, _: DannSchedule(optimizer, total_steps),
+        checkpoint_dir=checkpoint_dir, callbacks=callbacks, progress=progress, desc="dann",
     )
-    xs_all, ys_all = source.images.to(device), source.labels.to(device)
-    xt_all = target_unlabelled.images.to(device)
-    steps_per_epoch = math.ceil(len(source) / batch_size)
-    total_steps = max(epochs * steps_per_epoch, 1)
-    target_batches = _cycle_batches(len(target_unlabelled), batch_size, generator)
-    history: list[dict[str, Any]] = []
-    step = 0
-    for epoch in range(1, epochs + 1):
-        timer = Timer()
-        model.train()
-        sums = {"train_loss": 0.0, "class_loss": 0.0, "domain_loss": 0.0, "train_acc": 0.0}
-        seen, lambd = 0, 0.0
-        for idx in index_batches(len(source), batch_size, generator):
-            p = step / total_steps
-            lambd = dann_lambda(p, lambda_max)
-            for group in optimizer.param_groups:
-                group["lr"] = dann_lr(lr, p)
-            t_idx = next(target_batches)[: len(idx)]
-            x = torch.cat([to_float(xs_all[idx]), to_float(xt_all[t_idx])])  # (B_s + B_t, C, H, W)
-            if augment:
-                x = random_shift(x, 2, generator=generator)
-            domains = torch.cat([
-                torch.full((len(idx),), SOURCE_DOMAIN, device=device),
-                torch.full((len(t_idx),), TARGET_DOMAIN, device=device),
-            ])  # (B_s + B_t,)
-            class_logits, domain_logits = model.forward_train(x, lambd)
-            y = ys_all[idx]
-            class_loss = F.cross_entropy(class_logits[: len(idx)].float(), y)
-            domain_loss = F.cross_entropy(domain_logits.float(), domains)
-            loss = class_loss + domain_loss  # the GRL already scales the body's domain gradient
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            n = len(idx)
-            seen += n
-            sums["train_loss"] += loss.item() * n
-            sums["class_loss"] += class_loss.item() * n
-            sums["domain_loss"] += domain_loss.item() * n
-            sums["train_acc"] += (class_logits[:n].argmax(1) == y).sum().item()
-        record: dict[str, Any] = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}}
-        record["domain_acc"] = domain_accuracy(model, source, target_unlabelled, device)
-        record["lambda"] = lambd
-        record["lr"] = optimizer.param_groups[0]["lr"]
-        if target_eval is not None and bool((target_eval.labels >= 0).any()):
-            record["target_acc"] = accuracy(model, target_eval, device)
-        record["seconds"] = timer.seconds()
-        history.append(record)
-        if progress:
-            log.info("dann epoch %d: %s", epoch, {k: round(v, 4) for k, v in record.items()})
-    return history
+    keys = ["epoch", "train_loss", "class_loss", "domain_loss", "train_acc", "domain_acc", "lambda", "lr",
+            "target_acc", "seconds"]
+    return [{k: record[k] for k in keys if k in record} for record in map(EpochStats.as_dict, result.history)]
 
 
 def run_dann(
@@ -233,6 +258,7 @@ def run_dann(
     device: torch.device,
     seed: int,
     progress: bool = False,
+    checkpoint_dir: str | Path | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """DANN from a source ``TransferNet`` (its body and, when it fits, its head) or an arch name.
 
@@ -264,6 +290,6 @@ def run_dann(
     history = train_dann(
         dann, source_train, target_unlabelled, params.epochs, params.lr, params.batch_size,
         params.dann_lambda_max, seed, device, progress, target_eval=target_test,
-        weight_decay=params.weight_decay, augment=params.augment,
+        weight_decay=params.weight_decay, augment=params.augment, checkpoint_dir=checkpoint_dir,
     )
     return model, history

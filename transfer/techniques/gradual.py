@@ -45,7 +45,7 @@ class GradualUnfreezing(Callback):
         self.lr, self.layer_decay = float(lr), float(layer_decay)
 
     def block_lr(self, depth: int) -> float:
-        return self.lr * self.layer_decay**depth
+        return freezing.block_lr(self.lr, depth, layer_decay=self.layer_decay)
 
     def on_epoch_start(
         self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer

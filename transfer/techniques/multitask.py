@@ -10,7 +10,6 @@ target data needs no extra labels. Two ways to train:
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,12 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transfer import freezing
-from transfer.config import FinetuneParams
-from transfer.data import ImageTensors, to_float
+from transfer.config import FinetuneParams, OptimParams
+from transfer.data import ImageTensors
 from transfer.errors import DataError, TransferError
-from transfer.techniques._common import FeatureTap, Timer, index_batches
-from transfer.train import fit, seed_everything
+from transfer.techniques._common import FeatureTap, fit_full, full_finetune_copy
+from transfer.train import Features, Objective, StepOut, _Loop, accuracy, fit
 
 MAIN_TASK = "class"
 
@@ -160,6 +158,41 @@ def _check_task_labels(net: MultiTaskNet, n: int, task_labels: Mapping[str, Tens
             raise TransferError(f"task {name!r}: {tuple(labels.shape)} labels for {n} images")
 
 
+class MultiTaskObjective(Objective):
+    """:func:`transfer.train.fit`'s per-batch loss for a :class:`MultiTaskNet`:
+    ``sum_t w_t * CE_t`` over the heads, labels of every task indexed by the batch; the
+    loop's ``train_acc`` scores the main task (the first one when there is no ``class``)."""
+
+    def __init__(self, targets: Mapping[str, Tensor], weights: Mapping[str, float]) -> None:
+        self.targets, self.weights = dict(targets), dict(weights)
+        self.main = MAIN_TASK if MAIN_TASK in targets else next(iter(targets))
+        self._sums: dict[str, float] = {}
+        self._seen = 0
+
+    def step(self, loop: _Loop, x: Tensor, y: Tensor, idx: Tensor) -> StepOut:
+        outputs = loop.forward(x)  # name -> (B, K_task)
+        batch = {name: t[idx.to(t.device)] for name, t in self.targets.items()}
+        losses = task_losses(outputs, batch)
+        loss = torch.stack([self.weights[t] * value for t, value in losses.items()]).sum()
+        n = len(idx)
+        self._seen += n
+        for name, value in losses.items():
+            self._sums[f"loss_{name}"] = self._sums.get(f"loss_{name}", 0.0) + value.item() * n
+            hits = (outputs[name].argmax(1) == batch[name]).sum().item()
+            self._sums[f"acc_{name}"] = self._sums.get(f"acc_{name}", 0.0) + hits
+        return StepOut(loss, loss.detach().double() * n, outputs[self.main], batch[self.main])
+
+    def epoch_start(self, loop: _Loop) -> None:
+        self._sums, self._seen = {}, 0
+
+    def epoch_metrics(self, loop: _Loop) -> dict[str, Any]:
+        return {k: v / max(self._seen, 1) for k, v in self._sums.items()}
+
+
+def _constant_lr(optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
 def train_multitask(
     net: MultiTaskNet,
     data: ImageTensors,
@@ -172,48 +205,24 @@ def train_multitask(
     device: torch.device | str = "cpu",
     weight_decay: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """Joint training of all heads on ``data.images`` with per-task labels (N,) each.
+    """Joint training of all heads on ``data.images`` with per-task labels (N,) each, through
+    :func:`transfer.train.fit` with a :class:`MultiTaskObjective` (constant LR, no augmentation).
 
     Returns one record per epoch: ``epoch``, ``train_loss`` (weighted sum), ``loss_<task>``
     and ``acc_<task>`` (on the training batches), ``seconds``.
     """
     _check_task_labels(net, len(data), task_labels)
     device = torch.device(device)
-    seed_everything(seed)
-    generator = torch.Generator().manual_seed(seed)
-    net.to(device)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    images = data.images.to(device)
     targets = {name: t.to(device) for name, t in task_labels.items()}
-    w = normalise_weights(weights, list(targets))
-    history = []
-    for epoch in range(1, epochs + 1):
-        timer = Timer()
-        net.train()
-        sums: dict[str, float] = {"train_loss": 0.0}
-        seen = 0
-        for idx in index_batches(len(data), batch_size, generator):
-            outputs = net(to_float(images[idx]))
-            batch_targets = {name: t[idx] for name, t in targets.items()}
-            losses = task_losses(outputs, batch_targets)
-            loss = torch.stack([w[t] * value for t, value in losses.items()]).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            seen += len(idx)
-            sums["train_loss"] += loss.item() * len(idx)
-            for name, value in losses.items():
-                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + value.item() * len(idx)
-                hits = (outputs[name].argmax(1) == batch_targets[name]).sum().item()
-                sums[f"acc_{name}"] = sums.get(f"acc_{name}", 0.0) + hits
-        record: dict[str, Any] = {"epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}}
-        record["seconds"] = timer.seconds()
-        history.append(record)
-    return history
+    cfg = OptimParams(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      label_smoothing=0.0, augment=False)
+    objective = MultiTaskObjective(targets, normalise_weights(weights, list(targets)))
+    result = fit(net, data, None, cfg, device=device, seed=seed, objective=objective, progress=False,
+                 desc="multitask", lr_schedule=_constant_lr)
+    drop = ("train_acc", "val_loss", "val_acc", "lr")
+    return [{k: v for k, v in stats.as_dict().items() if k not in drop} for stats in result.history]
 
 
-@torch.no_grad()
 def evaluate_multitask(
     net: MultiTaskNet,
     data: ImageTensors,
@@ -224,21 +233,8 @@ def evaluate_multitask(
     """Accuracy per task (samples labelled -1 for a task are left out of its accuracy)."""
     _check_task_labels(net, len(data), task_labels)
     device = torch.device(device)
-    was_training = net.training
-    net.eval().to(device)
-    predictions: dict[str, list[Tensor]] = {name: [] for name in task_labels}
-    for idx in index_batches(len(data), batch_size, None):
-        outputs = net(to_float(data.images[idx].to(device)))
-        for name in task_labels:
-            predictions[name].append(outputs[name].argmax(1).cpu())
-    net.train(was_training)
-    result = {}
-    for name, labels in task_labels.items():
-        pred = torch.cat(predictions[name]) if predictions[name] else torch.empty(0).long()
-        known = labels >= 0
-        hits = (pred[known] == labels[known]).float()
-        result[name] = hits.mean().item() if known.any() else float("nan")
-    return result
+    return {name: accuracy(net.task(name), Features(data.images, labels), device, batch_size)
+            for name, labels in task_labels.items()}
 
 
 # --- the pipeline strategy: TransferNet + derived auxiliary heads through fit() ---------
@@ -309,23 +305,14 @@ def run_multitask(
             f"got {params.multitask_weights}"
         )
     w_main, w_parity = params.multitask_weights
-    seed_everything(seed)  # the new head's init depends on the seed only
-    model = copy.deepcopy(source_model)
-    model.reset_classifier(train.num_classes)
-    freezing.apply_freeze(model, "full")
+    model = full_finetune_copy(source_model, train.num_classes, seed)
     aux = AuxiliaryTasks(
         model.feature_dim, {"parity": parity_table(train.classes)}, w_main, {"parity": w_parity},
         params.label_smoothing,
     )
-    groups = freezing.param_groups(
-        model, params.lr, body_lr_mult=params.body_lr_mult, layer_decay=params.layer_decay
-    )
-    groups.append({"params": aux.parameters(), "lr": params.lr, "name": "aux-heads"})
     try:
-        result = fit(
-            model, train, val, params, device=device, seed=seed, param_groups=groups,
-            extra_loss=aux, progress=progress, desc="finetune (multitask)",
-        )
+        history = fit_full(model, aux, train, val, params, device, seed, progress, "multitask",
+                           extra_groups=[{"params": aux.parameters(), "lr": params.lr, "name": "aux-heads"}])
     finally:
         aux.close()
-    return model, [stats.as_dict() for stats in result.history]
+    return model, history
