@@ -10,7 +10,7 @@ from tasks.adapters import tracking
 from tasks.common import stage_task
 from transfer import stages, stats
 from transfer.config import Params
-from transfer.plots import plot_transfer_gain
+from transfer.plots import plot_runs_learning_curves, plot_transfer_gain
 
 SUMMARY_METRICS = ("accuracy", "macro_f1", "ece", "ece_uncalibrated")
 
@@ -86,11 +86,20 @@ def evaluate_models(
         accuracies = {"scratch": scratch_report["accuracy"], **accuracies}
         intervals["scratch"] = tuple(scratch_report["accuracy_ci"])
     tracking.log_metrics(client, parent_run_id, metrics)
+    _plot_seed_curves(tuned_runs, scratch_runs, out / "learning_curves.png")
     plot_transfer_gain(accuracies, out / "transfer_gain.png", "Test accuracy (95% CI): scratch vs transfer",
                        intervals=intervals)
     tracking.log_files(client, parent_run_id, sorted(out.glob("*.png")), "plots")
     tracking.log_files(client, parent_run_id, sorted(out.glob("*.json")), "evaluation")
     return result
+
+
+def _plot_seed_curves(tuned_runs: list[dict[str, Any]], scratch_runs: list[dict[str, Any]], path: Path) -> None:
+    """One figure with every trained seed's curves (the seeds' own runs hold them as metrics)."""
+    curves = {f"{run['strategy']} seed {run['seed']}": run["history"]
+              for run in [*tuned_runs, *scratch_runs] if run.get("history")}
+    if curves:
+        plot_runs_learning_curves(curves, path, "Learning curves: every seed, fine-tune vs scratch")
 
 
 evaluate_task = stage_task("evaluate")(evaluate_models)

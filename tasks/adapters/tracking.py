@@ -291,45 +291,55 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(k, str(v)[:6000]) for k, v in flatten("", params).items()]
-    for start in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[start : start + 100])
+    log_batch(client, run_id, params=params)
 
 
 def log_metrics(
     client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0
 ) -> None:
-    from mlflow.entities import Metric
-
-    now = mlflow.utils.time.get_current_time_millis()
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-    if items:
-        client.log_batch(run_id, metrics=items)
+    log_batch(client, run_id, metrics=metrics, step=step)
 
 
 def log_history(client: MlflowClient, run_id: str, history: Iterable[Mapping[str, Any]]) -> None:
     """Per-epoch curves: train_loss, train_acc, val_loss, val_acc, lr with step = epoch."""
-    from mlflow.entities import Metric
-
-    now = mlflow.utils.time.get_current_time_millis()
-    items = [
-        Metric(key, float(row[key]), now, int(row["epoch"]))
-        for row in history
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
-        if row.get(key) is not None
-    ]
-    for start in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[start : start + 500])
+    log_batch(client, run_id, history=history)
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
-    from mlflow.entities import RunTag
+    log_batch(client, run_id, tags=tags)
 
-    items = [RunTag(k, str(v)) for k, v in flatten("", tags).items() if v is not None]
-    if items:
-        client.log_batch(run_id, tags=items)
+
+HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+def log_batch(
+    client: MlflowClient,
+    run_id: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    history: Iterable[Mapping[str, Any]] = (),
+    tags: Mapping[str, Any] | None = None,
+    step: int = 0,
+) -> None:
+    """Params (flattened), metrics at ``step``, per-epoch curves and tags (flattened; None
+    dropped) in as few store round trips as MLflow's batch limits allow: one per run's
+    outcome instead of one per kind, which a local sqlite store pays in commits."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = mlflow.utils.time.get_current_time_millis()
+    metric_items = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
+    metric_items += [Metric(key, float(row[key]), now, int(row["epoch"]))
+                     for row in history for key in HISTORY_KEYS if row.get(key) is not None]
+    param_items = [Param(k, str(v)[:6000]) for k, v in flatten("", params or {}).items()]
+    tag_items = [RunTag(k, str(v)) for k, v in flatten("", tags or {}).items() if v is not None]
+    # MLflow's limits per call: 1000 metrics, 100 params and 100 tags, 1000 entities in all
+    while metric_items or param_items or tag_items:
+        params_now, tags_now = param_items[:100], tag_items[:100]
+        metrics_now = metric_items[:1000 - len(params_now) - len(tags_now)]
+        client.log_batch(run_id, metrics=metrics_now, params=params_now, tags=tags_now)
+        metric_items = metric_items[len(metrics_now):]
+        param_items, tag_items = param_items[100:], tag_items[100:]
 
 
 def log_json(client: MlflowClient, run_id: str, data: Any, artifact_file: str) -> None:

@@ -92,7 +92,8 @@ def test_promote_reject_rollback_and_serve_batch(dvc_repo: Path) -> None:
     assert first["target_data_version"].startswith(inputs["target-sklearn_digits"].digest)
     artifacts = {a.path for a in client.list_artifacts(first["mlflow_run_id"], "plots")}
     assert "plots/transfer_gain.png" in artifacts and "plots/confusion_transfer.png" in artifacts
-    assert {"plots/reliability_transfer.png", "plots/reliability_transfer_uncalibrated.png"} <= artifacts
+    assert {"plots/reliability_transfer.png", "plots/reliability_transfer_uncalibrated.png",
+            "plots/learning_curves.png"} <= artifacts
     metrics = run.data.metrics
     assert metrics["test_accuracy_ci_low"] < metrics["test_accuracy"] < metrics["test_accuracy_ci_high"]
     assert metrics["transfer_gain_ci_low"] <= metrics["transfer_gain"] <= metrics["transfer_gain_ci_high"]

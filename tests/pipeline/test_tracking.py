@@ -185,3 +185,24 @@ def test_a_flow_body_that_raises_fails_its_parent_run_with_the_error(
     run = client.get_run(started[0])
     assert run.info.status == "FAILED"
     assert run.data.tags["error"].startswith(type(error).__name__)
+
+
+def test_log_batch_splits_at_mlflows_limits_and_keeps_every_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One call for a run's outcome; over MLflow's per-call limits it splits, losing nothing."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = params_from_dict({"runtime": {"experiment": "batches"}})
+    client = tracking.configure(params)
+    with tracking.tracked_run(client, params, "batch") as run_id:
+        history = [{"epoch": e, "train_loss": 1.0 / e, "val_acc": e / 300, "lr": None} for e in range(1, 301)]
+        tracking.log_batch(
+            client, run_id, history=history, params={"p": {str(i): i for i in range(150)}},
+            metrics={"val_accuracy": 0.5, "missing": None}, tags={f"t{i}": i for i in range(120)} | {"none": None},
+        )
+    run = client.get_run(run_id)
+    assert len(run.data.params) == 150 and run.data.params["p.149"] == "149"
+    assert {f"t{i}" for i in range(120)} <= set(run.data.tags) and "none" not in run.data.tags
+    assert run.data.metrics["val_accuracy"] == 0.5 and "missing" not in run.data.metrics
+    curve = client.get_metric_history(run_id, "val_acc")
+    assert sorted(m.step for m in curve) == list(range(1, 301)) and "lr" not in run.data.metrics

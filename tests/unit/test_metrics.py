@@ -17,7 +17,9 @@ from transfer.metrics import (
     macro_f1,
     per_class_recall,
 )
-from transfer.plots import plot_confusion_matrix, plot_learning_curves, plot_reliability, plot_transfer_gain
+from transfer.plots import (
+    plot_confusion_matrix, plot_learning_curves, plot_reliability, plot_runs_learning_curves, plot_transfer_gain,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 K = 5
@@ -112,6 +114,8 @@ def test_plots_write_png_files(tmp_path, labels) -> None:
         {"epoch": 3, "train_loss": 0.8, "val_loss": 1.0, "train_acc": 0.8, "val_acc": 0.7},
     ]
     _assert_png(plot_learning_curves(history, tmp_path / "curves.png", "finetune"))
+    _assert_png(plot_runs_learning_curves({"gradual seed 0": history, "scratch seed 0": history[:2]},
+                                          tmp_path / "seeds.png"))
     gains = {"scratch": 0.16, "head": 0.56, "last_k": 0.7, "full": 0.8, "bad": 0.1}
     _assert_png(plot_transfer_gain(gains, tmp_path / "gain.png", "transfer gain"))
     _assert_png(plot_transfer_gain({"full": 0.8}, tmp_path / "gain_no_baseline.png"))
