@@ -71,7 +71,8 @@ def test_auto_ranks_by_leep_when_every_candidate_has_a_head_else_by_logme() -> N
 
 
 def test_a_candidate_spec_is_checked_before_any_work(tmp_path) -> None:
-    for spec in ("random", "hub", "data", "registered", "data:fonts", "models:/m@champion", "runs:/r/m", str(tmp_path)):
+    named = ("random", "hub", "data", "registered", "data:fonts", "models:/m@champion", "runs:/r/m")
+    for spec in (*named, str(tmp_path)):
         check_candidate_spec(spec)
     with pytest.raises(TransferError, match="source candidate 'nowhere' is not 'random'"):
         check_candidate_spec("nowhere")
