@@ -20,8 +20,8 @@ run: install  ## the whole pipeline on the embedded default data
 test: install  ## the test suite
 	$(BIN)/pytest
 
-test-fast: install
-	$(BIN)/pytest -m "not slow"
+test-fast: install  ## the inner loop: no slow tests, two workers, one test file per worker
+	$(BIN)/pytest -m "not slow" -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/hadolint Dockerfile

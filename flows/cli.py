@@ -112,8 +112,9 @@ def rank(
     from transfer.transferability import ESTIMATORS
 
     params = _params(params_file, overrides)
+    specs = candidate_specs(params, candidate)  # a bad spec fails before any data is prepared
     stages.prepare(params, progress=False)
-    ranking = rank_sources(params, candidate_specs(params, candidate), estimator)
+    ranking = rank_sources(params, specs, estimator)
     table = Table("rank", "source", *ESTIMATORS, "seconds", "origin",
                   title=f"sources ranked by {ranking.estimator} on {ranking.n_images} labelled target images")
     for row in ranking.rows:

@@ -21,7 +21,14 @@ from transfer.data import dataset_version, prepare_source
 from transfer.errors import TransferError
 from transfer.feature_cache import FeatureCache
 from transfer.models import load_model_dir
-from transfer.ranking import Candidate, Ranking, candidate_params, local_candidate, rank_candidates
+from transfer.ranking import (
+    Candidate,
+    Ranking,
+    candidate_params,
+    check_candidate_spec,
+    local_candidate,
+    rank_candidates,
+)
 from transfer.train import runtime_device
 from transfer.transferability import ESTIMATORS
 
@@ -112,7 +119,10 @@ def candidate_specs(params: Params, extra: list[str] | None = None) -> list[str]
     """What is ranked: the pipeline's own source first, then pretrain.candidates (or the
     defaults), then ``extra``; each once, in that order (the order breaks full ties)."""
     specs = ["data", *(params.pretrain.candidates or DEFAULT_CANDIDATES[1:]), *(extra or [])]
-    return list(dict.fromkeys(specs))
+    specs = list(dict.fromkeys(specs))
+    for spec in specs:
+        check_candidate_spec(spec)
+    return specs
 
 
 def rank_sources(params: Params, specs: list[str], estimator: str | None = None,

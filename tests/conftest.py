@@ -22,6 +22,10 @@ BIN = Path(sys.executable).parent
 configure_runtime()
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# `make test-fast` runs two pytest-xdist workers on a 2-core machine: one torch thread each
+# (and in the processes they start), not two workers each spinning two threads on two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # dvc runs stage commands through the shell: this venv's `transfer` must be on PATH.
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 

@@ -76,8 +76,20 @@ def local_candidate(spec: str, params: Params) -> Candidate:
     if spec == "hub" or path.is_file():
         model = create_model(arch, 10, channels, weights=spec).eval()
         return Candidate(f"weights:{path.name if spec != 'hub' else 'hub'}", model, spec, False)
-    raise TransferError(f"source candidate {spec!r} is not 'random', 'hub', a weights file, a model directory, "
-                        "'data', 'data:<kind or folder>', 'registered' or an MLflow URI (models:/..., runs:/...)")
+    raise _unknown_spec(spec)
+
+
+def check_candidate_spec(spec: str) -> None:
+    """Refuse a spec that no candidate resolver takes, before any data is prepared or a
+    source pretrained (a typo then costs seconds, not a pretraining)."""
+    named = spec in ("random", "hub", "data", "registered") or spec.startswith(("data:", "models:/", "runs:/"))
+    if not (named or Path(spec).expanduser().exists()):
+        raise _unknown_spec(spec)
+
+
+def _unknown_spec(spec: str) -> TransferError:
+    return TransferError(f"source candidate {spec!r} is not 'random', 'hub', a weights file, a model directory, "
+                         "'data', 'data:<kind or folder>', 'registered' or an MLflow URI (models:/..., runs:/...)")
 
 
 def _provenance(meta: dict[str, Any]) -> dict[str, Any]:

@@ -143,6 +143,7 @@ def test_a_download_without_a_transfer_model_is_one_error_and_leaves_nothing(
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+@pytest.mark.slow  # a second interpreter importing MLflow
 def test_a_kept_download_lives_until_its_process_exits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -162,7 +163,8 @@ def test_a_kept_download_lives_until_its_process_exits(
     assert not Path(path).exists()
 
 
-@pytest.mark.parametrize("error", [ValueError("bad input"), KeyboardInterrupt()])
+# the fast set keeps one Prefect flow (the harness start is the cost); Ctrl-C runs in the full suite
+@pytest.mark.parametrize("error", [ValueError("bad input"), pytest.param(KeyboardInterrupt(), marks=pytest.mark.slow)])
 def test_a_flow_body_that_raises_fails_its_parent_run_with_the_error(
     prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
 ) -> None:

@@ -167,6 +167,7 @@ def test_models_uris_resolve_to_one_version(registry, version2) -> None:
         resolve_model(uri, f"models:/{NAME}/9")
 
 
+@pytest.mark.slow  # three `transfer serve` processes
 def test_cli_refuses_unset_or_weak_tokens_and_two_model_choices(registry, tmp_path: Path) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "NO_SUCH_TOKEN_VAR": ""}
     base = [sys.executable, "-m", "flows.cli", "serve", "-p", str(REPO / "params.yaml"),

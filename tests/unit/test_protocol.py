@@ -62,6 +62,7 @@ def _permute_test_labels(dataset: Path, seed: int = 0) -> None:
         writer.writerows(rows)
 
 
+@pytest.mark.slow  # prepare, pretrain, two fine-tune sweeps, two rankings: end to end
 def test_permuting_test_labels_changes_no_choice(tmp_path: Path) -> None:
     params = _params(tmp_path)
     stages.prepare(params, progress=False)

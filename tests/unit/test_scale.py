@@ -129,6 +129,7 @@ def fonts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return prepare_source(DataParams(root=str(root), source=SourceData(n=400)), progress=False)
 
 
+@pytest.mark.slow  # a second pytest process, two trainings
 def test_split_over_the_memory_limit_trains_memory_mapped_like_in_memory(fonts_dir: Path) -> None:
     """In a fresh interpreter: a forked DataLoader worker died (exit 1) when this ran late in
     the whole suite's process, after the pipeline tests (not yet diagnosed; the product's
@@ -188,6 +189,7 @@ RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # an epoch over a 147 MB split in a fresh interpreter
 def test_peak_rss_of_an_epoch_over_a_mapped_split_stays_bounded(tmp_path: Path) -> None:
     n, shape = 12_000, (3, 64, 64)  # 147 MB decoded
     rng = np.random.default_rng(0)

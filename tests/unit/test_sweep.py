@@ -71,6 +71,7 @@ def test_the_sweep_stage_is_keyed_on_its_inputs(tiny_target, tmp_path: Path, cap
     assert not moved.reused and moved.trained == 2 and moved.key != first.key
 
 
+@pytest.mark.slow  # two CLI processes; run_sweep's reuse is checked in-process above
 def test_transfer_sweep_twice_trains_once(tiny_target, tmp_path: Path) -> None:  # noqa: F811
     base, source_dir = tiny_target
     write_params(_with(base, tmp_path), tmp_path / "params.yaml")
