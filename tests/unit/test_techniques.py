@@ -16,6 +16,7 @@ from transfer.data import ImageTensors, to_float
 from transfer.errors import DataError, TransferError
 from transfer.models import TransferNet, create_model
 from transfer.techniques import (
+    TechniqueInputs,
     run_dann,
     run_distill,
     run_l2sp,
@@ -486,7 +487,7 @@ def test_each_technique_gives_a_target_classifier_and_leaves_the_source_alone(so
     train = stripes(4, DIGITS4[:3], seed=1, horizontal=True)
     val = stripes(2, DIGITS4[:3], seed=2, horizontal=True)
     cfg = params(epochs=2, unfreeze_every=1)
-    model, history = technique(source, train, val, cfg, CPU, 0)
+    model, history = technique(source, TechniqueInputs(train, val, cfg, CPU, 0))
     assert len(history) == 2 and history[-1]["val_acc"] is not None
     probs = predict_proba(model, val, CPU)
     assert probs.shape == (len(val), 3)

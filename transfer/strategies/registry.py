@@ -68,8 +68,7 @@ class StrategyResult:
 
 
 StrategyFn = Callable[[StrategyContext], StrategyResult]
-# a technique in transfer/techniques/: (source model, target train, target val, finetune
-# params, device, seed, progress) -> (model, history)
+# a technique in transfer/techniques/: (source model, TechniqueInputs) -> (model, history)
 TechniqueFn = Callable[..., tuple["nn.Module", list[dict[str, Any]]]]
 
 
@@ -77,10 +76,11 @@ def run_technique(ctx: StrategyContext, technique: TechniqueFn) -> StrategyResul
     """Run a technique on a fresh source model; its seconds exclude loading that model."""
     source = ctx.source_model()
     started = time.perf_counter()
-    model, history = technique(
-        source, ctx.splits["train"], ctx.splits["val"], ctx.params.finetune, ctx.device,
-        ctx.params.runtime.seed, ctx.progress,
-    )
+    from transfer.techniques._common import TechniqueInputs
+
+    model, history = technique(source, TechniqueInputs(
+        ctx.splits["train"], ctx.splits["val"], ctx.params.finetune, ctx.device, ctx.params.runtime.seed,
+        ctx.progress))
     return StrategyResult(model, history, time.perf_counter() - started)
 
 

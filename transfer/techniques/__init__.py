@@ -3,7 +3,7 @@
 Most share one signature, which ``transfer.strategies.run_technique`` calls::
 
     run_l2sp / run_distill / run_progressive / run_multitask(
-        source_model, target_train, target_val, params, device, seed, progress
+        source_model, TechniqueInputs(target_train, target_val, params, device, seed, progress)
     ) -> (model_for_eval, history)
 
 ``model_for_eval`` maps float images (B, C, H, W) to logits over the target classes;
@@ -17,6 +17,7 @@ unlabelled target) and :func:`run_zero_shot` (seen/unseen classes). The strategi
 
 from __future__ import annotations
 
+from transfer.techniques._common import TechniqueInputs
 from transfer.techniques.conservative import (
     L2SP,
     Distillation,
@@ -54,7 +55,7 @@ from transfer.techniques.zeroshot import (
 
 __all__ = [
     "DANN", "DIGIT_ATTRIBUTES", "Distillation", "GradReverse", "GradualUnfreezing", "L2SP",
-    "MultiTaskNet", "ProgressiveNet", "at_least_labels", "attribute_classifier",
+    "MultiTaskNet", "ProgressiveNet", "TechniqueInputs", "at_least_labels", "attribute_classifier",
     "chance_level", "conse_predict", "dann_lambda", "distance_to_source", "evaluate_multitask",
     "grad_reverse", "multitask_loss", "parity_labels", "run_dann", "run_distill", "run_l2sp",
     "run_multitask", "run_progressive", "run_zero_shot", "train_dann", "train_multitask", "zero_shot_accuracy",

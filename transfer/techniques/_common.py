@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,6 +16,19 @@ from transfer.config import FinetuneParams
 from transfer.data import ImageTensors
 from transfer.errors import TransferError
 from transfer.train import LossFn, fit, seed_everything
+
+
+@dataclass(frozen=True)
+class TechniqueInputs:
+    """What a technique trains from besides the source model: the target splits, the
+    fine-tune params, the device, the seed and whether to draw progress."""
+
+    train: ImageTensors
+    val: ImageTensors | None
+    params: FinetuneParams
+    device: torch.device
+    seed: int
+    progress: bool = False
 
 
 def snapshot(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -95,12 +109,7 @@ def full_finetune_copy(source_model: nn.Module, num_classes: int, seed: int) -> 
 def fit_full(
     model: nn.Module,
     extra: LossFn,
-    train: ImageTensors,
-    val: ImageTensors | None,
-    params: FinetuneParams,
-    device: torch.device,
-    seed: int,
-    progress: bool,
+    inputs: TechniqueInputs,
     name: str,
     *,
     extra_groups: Sequence[dict] = (),
@@ -108,13 +117,14 @@ def fit_full(
 ) -> list[dict[str, Any]]:
     """``fit`` every layer (the finetune LR per layer) with ``extra`` added to the loss;
     ``extra_groups`` join the optimizer (e.g. auxiliary heads). Returns the history dicts."""
+    params = inputs.params
     groups = freezing.param_groups(
         model, params.lr, body_lr_mult=params.body_lr_mult, layer_decay=params.layer_decay
     )
     groups.extend(extra_groups)
     cfg = params if weight_decay is None else params.model_copy(update={"weight_decay": weight_decay})
     result = fit(
-        model, train, val, cfg, device=device, seed=seed, param_groups=groups, extra_loss=extra,
-        progress=progress, desc=f"finetune ({name})",
+        model, inputs.train, inputs.val, cfg, device=inputs.device, seed=inputs.seed, param_groups=groups,
+        extra_loss=extra, progress=inputs.progress, desc=f"finetune ({name})",
     )
     return [stats.as_dict() for stats in result.history]

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transfer.config import FinetuneParams
-from transfer.data import ImageTensors
 from transfer.errors import TransferError
-from transfer.techniques._common import FeatureTap, frozen_copy, fit_full, full_finetune_copy, snapshot
+from transfer.techniques._common import (
+    FeatureTap, TechniqueInputs, fit_full, frozen_copy, full_finetune_copy, snapshot,
+)
 
 
 class L2SP:
@@ -163,35 +163,25 @@ class Distillation:
 
 
 def run_l2sp(
-    source_model: nn.Module,
-    train: ImageTensors,
-    val: ImageTensors | None,
-    params: FinetuneParams,
-    device: torch.device,
-    seed: int,
-    progress: bool = False,
+    source_model: nn.Module, inputs: TechniqueInputs
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Full fine-tuning (new head) with the L2-SP penalty instead of weight decay."""
-    model = full_finetune_copy(source_model, train.num_classes, seed)
+    params = inputs.params
+    model = full_finetune_copy(source_model, inputs.train.num_classes, inputs.seed)
     penalty = L2SP(source_model.state_dict(), params.l2sp_alpha, params.l2sp_beta)
-    history = fit_full(model, penalty, train, val, params, device, seed, progress, "l2sp", weight_decay=0.0)
+    history = fit_full(model, penalty, inputs, "l2sp", weight_decay=0.0)
     return model, history
 
 
 def run_distill(
-    source_model: nn.Module,
-    train: ImageTensors,
-    val: ImageTensors | None,
-    params: FinetuneParams,
-    device: torch.device,
-    seed: int,
-    progress: bool = False,
+    source_model: nn.Module, inputs: TechniqueInputs
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Full fine-tuning (new head) plus LwF output distillation from the frozen source model."""
-    model = full_finetune_copy(source_model, train.num_classes, seed)
+    params = inputs.params
+    model = full_finetune_copy(source_model, inputs.train.num_classes, inputs.seed)
     distill = Distillation(source_model, params.distill_weight, params.distill_temperature)
     try:
-        history = fit_full(model, distill, train, val, params, device, seed, progress, "distill")
+        history = fit_full(model, distill, inputs, "distill")
     finally:
         distill.close()
     return model, history

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transfer.config import FinetuneParams, OptimParams
+from transfer.config import OptimParams
 from transfer.data import ImageTensors
 from transfer.errors import DataError, TransferError
-from transfer.techniques._common import FeatureTap, fit_full, full_finetune_copy
+from transfer.techniques._common import FeatureTap, TechniqueInputs, fit_full, full_finetune_copy
 from transfer.train import Features, Objective, StepOut, _Loop, accuracy, fit
 
 MAIN_TASK = "class"
@@ -286,32 +286,27 @@ class AuxiliaryTasks:
 
 
 def run_multitask(
-    source_model: nn.Module,
-    train: ImageTensors,
-    val: ImageTensors | None,
-    params: FinetuneParams,
-    device: torch.device,
-    seed: int,
-    progress: bool = False,
+    source_model: nn.Module, inputs: TechniqueInputs
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Fine-tune all layers on digit class (main head) + parity (auxiliary head).
 
     ``params.multitask_weights = [w_class, w_parity]``. The returned model is the
     ``TransferNet`` with the main head; the parity head is dropped after training.
     """
+    params, train = inputs.params, inputs.train
     if len(params.multitask_weights) != 2:
         raise TransferError(
             "finetune.multitask_weights needs 2 values [class, parity], "
             f"got {params.multitask_weights}"
         )
     w_main, w_parity = params.multitask_weights
-    model = full_finetune_copy(source_model, train.num_classes, seed)
+    model = full_finetune_copy(source_model, train.num_classes, inputs.seed)
     aux = AuxiliaryTasks(
         model.feature_dim, {"parity": parity_table(train.classes)}, w_main, {"parity": w_parity},
         params.label_smoothing,
     )
     try:
-        history = fit_full(model, aux, train, val, params, device, seed, progress, "multitask",
+        history = fit_full(model, aux, inputs, "multitask",
                            extra_groups=[{"params": aux.parameters(), "lr": params.lr, "name": "aux-heads"}])
     finally:
         aux.close()

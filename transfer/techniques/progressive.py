@@ -23,9 +23,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from transfer.config import FinetuneParams
-from transfer.data import ImageTensors
 from transfer.errors import TransferError
+from transfer.techniques._common import TechniqueInputs
 from transfer.train import fit, seed_everything
 
 Task = Literal["target", "source"]
@@ -152,16 +151,11 @@ class ProgressiveNet(nn.Module):
 
 
 def run_progressive(
-    source_model: nn.Module,
-    train: ImageTensors,
-    val: ImageTensors | None,
-    params: FinetuneParams,
-    device: torch.device,
-    seed: int,
-    progress: bool = False,
+    source_model: nn.Module, inputs: TechniqueInputs
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Train a target column (+ adapters) next to the frozen source column."""
-    seed_everything(seed)
+    train, params = inputs.train, inputs.params
+    seed_everything(inputs.seed)
     shape = tuple(train.images.shape[1:])
     net = ProgressiveNet(source_model, train.num_classes, shape)  # type: ignore[arg-type]
     groups = [
@@ -172,7 +166,8 @@ def run_progressive(
          "name": "laterals"},
     ]
     result = fit(
-        net, train, val, params, device=device, seed=seed, param_groups=groups, progress=progress,
+        net, train, inputs.val, params, device=inputs.device, seed=inputs.seed, param_groups=groups,
+        progress=inputs.progress,
         desc="finetune (progressive)",
     )
     return net, [stats.as_dict() for stats in result.history]
