@@ -49,10 +49,10 @@ def log_data_version(params: Params, run_id: str, data: dict[str, Any]) -> None:
         tags[f"data.{name}.dvc_md5"] = data[name].get("dvc_md5")
     tracking.set_tags(client, run_id, tags)
     kinds = {"source": params.data.source.kind, "target": params.data.target.kind}
-    client.log_inputs(run_id, datasets=[_dataset_input(name, data[name], kinds[name]) for name in DATA_CONTEXT])
+    tracking.log_inputs(client, run_id, [dataset_input(name, data[name], kinds[name]) for name in DATA_CONTEXT])
 
 
-def _dataset_input(name: str, info: dict[str, Any], kind: str) -> DatasetInput:
+def dataset_input(name: str, info: dict[str, Any], kind: str) -> DatasetInput:
     with warnings.catch_warnings():  # a local path matches two equivalent local source types
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(Path(info["dir"]).resolve()))

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -340,6 +341,27 @@ def log_batch(
         client.log_batch(run_id, metrics=metrics_now, params=params_now, tags=tags_now)
         metric_items = metric_items[len(metrics_now):]
         param_items, tag_items = param_items[100:], tag_items[100:]
+
+
+# How the stores word a unique-key collision (PostgreSQL, sqlite, MySQL)
+_UNIQUE_CONFLICT = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry")
+
+
+def log_inputs(client: MlflowClient, run_id: str, datasets: list[Any], attempts: int = 4) -> None:
+    """``client.log_inputs`` that survives a concurrent run logging the same dataset.
+
+    MLflow's store looks a dataset up and inserts it when missing, in one transaction but
+    without a lock, so two runs of the same data at once (two machines on one tracking
+    server) can both insert it and one gets a unique-key error. That error is the race, not
+    the input: on a retry the row exists and only this run's link to it is written."""
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except mlflow.exceptions.MlflowException as error:
+            if attempt == attempts - 1 or not any(word in str(error) for word in _UNIQUE_CONFLICT):
+                raise
+            time.sleep(0.1 * 2 ** attempt)
 
 
 def log_json(client: MlflowClient, run_id: str, data: Any, artifact_file: str) -> None:

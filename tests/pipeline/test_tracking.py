@@ -208,3 +208,27 @@ def test_log_batch_splits_at_mlflows_limits_and_keeps_every_value(
     assert run.data.metrics["val_accuracy"] == 0.5 and "missing" not in run.data.metrics
     curve = client.get_metric_history(run_id, "val_acc")
     assert sorted(m.step for m in curve) == list(range(1, 301)) and "lr" not in run.data.metrics
+
+
+def test_log_inputs_does_not_retry_an_error_that_is_not_a_race(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a unique-key collision (another run inserting the same dataset) is retried: an
+    input the store refuses fails at once, on the first call."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.pipeline_run import dataset_input
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = params_from_dict({"runtime": {"experiment": "inputs"}})
+    client = tracking.configure(params)
+    with tracking.tracked_run(client, params, "inputs") as run_id:
+        dataset = dataset_input("target", {"dir": str(tmp_path), "version": "d" * 32}, "digits")
+        tracking.log_inputs(client, run_id, [dataset])
+        tracking.log_inputs(client, run_id, [dataset])  # again: the dataset exists, the link is kept once
+    assert [d.dataset.digest for d in client.get_run(run_id).inputs.dataset_inputs] == ["d" * 32]
+    calls = []
+    monkeypatch.setattr(client, "log_inputs", lambda *a, **k: calls.append(1) or client.get_run("no-such-run"))
+    with pytest.raises(MlflowException):
+        tracking.log_inputs(client, run_id, [dataset])
+    assert len(calls) == 1
