@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from tasks.adapters import tracking
 from transfer import stages
@@ -55,7 +56,11 @@ def register_source(client: MlflowClient, params: Params, source: dict[str, Any]
             return f"models:/{name}/{version.version}"
     client.log_artifacts(run_id, source["model_dir"], "source_model")
     if not client.search_registered_models(filter_string=f"name='{name}'"):
-        client.create_registered_model(name, tags={ROLE_TAG: "source"})
+        try:
+            client.create_registered_model(name, tags={ROLE_TAG: "source"})
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise  # anything but another machine registering it meanwhile
     spec = params.data.source
     tags = {"weights_sha256": sha, "data.source.kind": spec.kind, "data.source.path": spec.path or "",
             "data.source.version": source.get("data_version", ""), "arch": params.pretrain.arch,
