@@ -14,10 +14,7 @@ from tasks.adapters import tracking
 from tasks.pipeline_run import dataset_input
 from tests.topology.servers import MlflowServer
 
-pytestmark = [pytest.mark.slow, pytest.mark.server,
-              # MLflow asks which of two equivalent local source types a path is (threads: warnings
-              # filters are process-wide, so the product's own suppression cannot be relied on here)
-              pytest.mark.filterwarnings("ignore:The specified dataset source:UserWarning")]
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 RUNS = 8
 
@@ -31,13 +28,14 @@ def test_runs_logging_one_new_dataset_at_once_all_link_to_it(
     experiment = client.create_experiment(f"concurrent-inputs-{secrets.token_hex(4)}")
     run_ids = [client.create_run(experiment).info.run_id for _ in range(RUNS)]
     digest = secrets.token_hex(16)  # a dataset no run has logged yet: every run tries to insert it
+    dataset = dataset_input("target", {"dir": "data/target", "version": digest}, "shared")
     barrier = threading.Barrier(RUNS)
     errors: list[BaseException] = []
 
     def log(run_id: str) -> None:
         barrier.wait()
         try:
-            tracking.log_inputs(client, run_id, [dataset_input("target", {"dir": "data/target", "version": digest}, "shared")])
+            tracking.log_inputs(client, run_id, [dataset])
         except BaseException as error:  # collected: a thread's exception is otherwise lost
             errors.append(error)
 
